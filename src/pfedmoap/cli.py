@@ -1,0 +1,164 @@
+"""`pfedmoap run | resume | report | info | data check`: arguments in, a config out, the library called.
+
+Bad input anywhere is one line `error: ...` and exit code 2, on every rank.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from .errors import PFedMoAPError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pfedmoap", description="Personalized federated prompt learning for CLIP "
+                                "(pFedMoAP and baselines) on MPI clusters.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a configuration (no CONFIG: the embedded quick-start)")
+    run.add_argument("config", nargs="?", help="TOML file")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set algorithm=pfedmoap --set data.beta=0.1")
+    run.add_argument("--out", help="run directory (default: the config's `out`)")
+    run.add_argument("--if-exists", choices=("refuse", "resume", "overwrite"), default="refuse",
+                     help="when the run directory already holds a run (default: refuse)")
+    res = sub.add_parser("resume", help="continue a run from its checkpoint")
+    res.add_argument("run_dir")
+    rep = sub.add_parser("report", help="tables (and figures) from finished or running runs")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
+    rep.add_argument("--plot", metavar="DIR", help="write PNG figures to DIR")
+    sub.add_parser("info", help="versions, MPI library, world size, devices")
+    data = sub.add_parser("data", help="data-set tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    chk = dsub.add_parser("check", help="validate a data root and print per-split counts")
+    chk.add_argument("--dataset", required=True)
+    chk.add_argument("--root", default="")
+    chk.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def _configs(args) -> list:
+    from . import config
+    base = None if args.config else config.QUICKSTART
+    cfg = config.load(args.config, args.sets, base=base)
+    if args.out:
+        cfg.out = args.out
+    picked = any(s.split("=", 1)[0].strip() == "algorithm" for s in args.sets)
+    if args.config or picked:
+        return [cfg]
+    # The quick-start compares every method on the same split, seed and budget.
+    out = []
+    for name in config.QUICKSTART_ALGORITHMS:
+        c = config.load(None, args.sets + [f"algorithm={name}"], base=config.QUICKSTART)
+        c.out = str(Path(cfg.out) / name)
+        out.append(c)
+    return out
+
+
+def _run(configs, comm, if_exists: str) -> int:
+    from . import federation
+    say = print if comm.rank == 0 else (lambda *a, **k: None)
+    outcomes = []
+    for cfg in configs:
+        say(f"# pfedmoap {cfg.algorithm} -> {cfg.out}  (world size {comm.size})")
+        say(cfg.to_toml())
+        fed = federation.Federation(cfg, comm, log=say)
+        outcome = fed.run(cfg.out, if_exists)
+        outcomes.append((cfg, outcome))
+        if outcome.status == "stopped":
+            say(f"stopped on a signal; checkpoint written to {cfg.out}; resume with: pfedmoap resume {cfg.out}")
+            return federation.EXIT_STOPPED
+    if comm.rank == 0:
+        print(_final_table(outcomes))
+    return 0
+
+
+def _final_table(outcomes) -> str:
+    rounds = max(len(o.mean_accuracy) for _, o in outcomes)
+    head = f"{'method':<10}" + "".join(f"{'r' + str(i + 1):>8}" for i in range(rounds)) + f"{'final':>8}"
+    lines = ["", "mean client accuracy per round", head, "-" * len(head)]
+    for cfg, o in outcomes:
+        accs = "".join(f"{a:8.4f}" for a in o.mean_accuracy) + " " * 8 * (rounds - len(o.mean_accuracy))
+        lines.append(f"{cfg.algorithm:<10}{accs}{o.mean_accuracy[-1]:8.4f}")
+    lines.append(f"results: {', '.join(str(Path(c.out) / 'results.h5') for c, _ in outcomes)}")
+    return "\n".join(lines)
+
+
+def _resume(run_dir: str, comm) -> int:
+    from . import config, store
+    attrs, _ = store.read_checkpoint(Path(run_dir))
+    cfg = config.from_toml(attrs["config"])
+    cfg.out = run_dir
+    return _run([cfg], comm, "resume")
+
+
+def _info(comm) -> int:
+    import h5py
+    import open_clip
+    import torch
+    from . import __version__
+    lines = [f"pfedmoap {__version__}", f"python {sys.version.split()[0]}", f"torch {torch.__version__}",
+             f"open_clip {open_clip.__version__}", f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version})"]
+    try:
+        import mpi4py
+        from mpi4py import MPI
+        lines.append(f"mpi4py {mpi4py.__version__}; MPI library: {MPI.Get_library_version().strip().splitlines()[0]}")
+    except ImportError:
+        lines.append("mpi4py: not installed")
+    lines.append(f"world size {comm.size}")
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    lines.append(f"devices: cpu ({torch.get_num_threads()} threads)" + "".join(f", cuda:{i} {n}" for i, n in enumerate(cuda)))
+    if comm.rank == 0:
+        print("\n".join(lines))
+    return 0
+
+
+def _data_check(args) -> int:
+    from . import config
+    from .data.disk import check_root
+    cfg = config.load(None, args.sets + [f"data.dataset={args.dataset}"] + ([f"data.root={args.root}"] if args.root else []))
+    print(check_root(cfg.data))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from . import comm as comm_mod
+    comm = comm_mod.LocalComm()
+    try:
+        if args.command in ("run", "resume", "info"):
+            comm = comm_mod.world()
+        if args.command == "run":
+            from . import federation
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, federation.request_stop)
+            return _run(_configs(args), comm, args.if_exists)
+        if args.command == "resume":
+            from . import federation
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, federation.request_stop)
+            return _resume(args.run_dir, comm)
+        if args.command == "report":
+            from .analysis import report_main
+            print(report_main(args.run_dirs, args.format, args.plot))
+            return 0
+        if args.command == "info":
+            return _info(comm)
+        if args.command == "data":
+            return _data_check(args)
+    except PFedMoAPError as e:
+        # Raised the same way on every rank (config, data, set-up, rank 0's verdict): one line, exit 2.
+        if comm.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - a crash on one rank must end the whole world
+        comm_mod.fail(comm, e)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

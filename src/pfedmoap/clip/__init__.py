@@ -1,0 +1,1 @@
+"""The frozen CLIP backbone, CoOp prompts and the gating network."""

@@ -1,0 +1,52 @@
+"""The client-side gating network of pFedMoAP (DESIGN.md §1). It never leaves its client.
+
+One multi-head attention block on d-dimensional pooled features: the query is the image feature,
+the keys and values are, per class, the K text features of the local prompt and the experts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import PFedMoAPError
+
+
+class GatingNetwork(nn.Module):
+    def __init__(self, embed_dim: int, dim: int = 128, heads: int = 8, scaling: float = 10.0):
+        super().__init__()
+        if dim > embed_dim or embed_dim % dim:
+            raise PFedMoAPError(f"moe.gating_dim = {dim}: expected a divisor of the CLIP embedding dim {embed_dim}")
+        self.stride, self.dim, self.heads, self.scaling = embed_dim // dim, dim, heads, scaling
+        self.w_q, self.w_k, self.w_v, self.w_o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Every r-th coordinate (strided sub-sampling, as the reference code does)."""
+        return x[..., ::self.stride]
+
+    def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor):
+        """image_feats (B, D); text_feats (K, C, D), local first.
+
+        Returns T_MoE (B, C, d) and the gating weights (B, C, K), averaged over heads."""
+        B, (K, C, _) = image_feats.shape[0], text_feats.shape
+        h, dh = self.heads, self.dim // self.heads
+        q = self.w_q(self.pool(image_feats)).view(B, h, dh)
+        kv = self.pool(text_feats)
+        k = self.w_k(kv).view(K, C, h, dh)
+        v = self.w_v(kv).view(K, C, h, dh)
+        scores = torch.einsum("bhe,kche->bchk", q, k) * self.scaling
+        weights = scores.softmax(dim=-1)                                  # over the K experts
+        mixed = torch.einsum("bchk,kche->bche", weights, v).reshape(B, C, self.dim)
+        return self.w_o(mixed), weights.mean(dim=2)
+
+
+def moe_logits(gating: GatingNetwork, image_feats: torch.Tensor, text_feats: torch.Tensor,
+               logit_scale: float, lam: float):
+    """Final logits `lam * local + moe`; with no non-local experts (K = 1) exactly the local logits.
+
+    Returns (logits (B, C), gating weights (B, C, K) or None)."""
+    local = logit_scale * image_feats @ text_feats[0].t()
+    if text_feats.shape[0] == 1:
+        return local, None
+    t_moe, weights = gating(image_feats, text_feats)
+    moe = logit_scale * torch.einsum("bd,bcd->bc", gating.pool(image_feats), t_moe)
+    return lam * local + moe, weights

@@ -1,0 +1,128 @@
+"""CoOp prompts spliced into open_clip's text path.
+
+Class c's prompt is `[SOS] ctx_1..ctx_n <classname c> . [EOS]`. A prompt is just its context tensor
+`ctx` (n_ctx, W); the `PromptEncoder` (one per rank and class list) turns any ctx into the C text
+features, exactly as `encode_text` would, with two exact shortcuts:
+- EOS truncation: the text transformer is causal, so the EOS output only depends on the tokens up
+  to it; the sequence is cut after the last EOS of all classes.
+- shared prefix: `[SOS] + ctx` is identical in every class's sequence, so its hidden states are too;
+  they are computed once and every class's short suffix attends to their keys and values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PFedMoAPError
+
+
+def _text_tower(model: nn.Module) -> nn.Module:
+    tower = model.text if hasattr(model, "text") else model
+    for attr in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
+        if not hasattr(tower, attr):
+            raise PFedMoAPError(f"model: its text tower ({type(tower).__name__}) is not an open_clip "
+                                "transformer text tower; CoOp prompts need token embeddings")
+    return tower
+
+
+def init_context(backbone, n_ctx: int, phrase: str, generator: torch.Generator) -> torch.Tensor:
+    """A fresh context: N(0, 0.02^2), or the word embeddings of `phrase` (then n_ctx = its length)."""
+    tower = _text_tower(backbone.model)
+    width = tower.token_embedding.weight.shape[1]
+    if phrase:
+        tokens = backbone.tokenizer([phrase])[0]
+        n = int(tokens.argmax()) - 1                      # between SOS and EOS
+        with torch.no_grad():
+            emb = tower.token_embedding(tokens[1:1 + n].to(tower.token_embedding.weight.device))
+        return emb.detach().float().cpu().clone()
+    return torch.randn(n_ctx, width, generator=generator) * 0.02
+
+
+def context_length(n_ctx: int, phrase: str, backbone) -> int:
+    if not phrase:
+        return n_ctx
+    return int(backbone.tokenizer([phrase])[0].argmax()) - 1
+
+
+class PromptEncoder:
+    """Text features of CoOp prompts for one list of class names (frozen tower, no parameters)."""
+
+    def __init__(self, backbone, classnames: list[str], n_ctx: int,
+                 truncate: bool = True, shared_prefix: bool = True):
+        self.backbone = backbone
+        self.tower = _text_tower(backbone.model)
+        self.n_ctx = n_ctx
+        self.classnames = list(classnames)
+        dev = self.tower.token_embedding.weight.device
+        texts = [" ".join(["X"] * n_ctx) + " " + name.replace("_", " ") + "." for name in classnames]
+        tokens = backbone.tokenizer(texts).to(dev)
+        self.eos = tokens.argmax(dim=-1)                  # EOT has the highest id in open_clip's vocabulary
+        if int(self.eos.max()) >= tokens.shape[1] - 1 and tokens[0, -1] != 0:
+            raise PFedMoAPError(f"prompt.n_ctx = {n_ctx}: prompts do not fit the text context length "
+                                f"{tokens.shape[1]}")
+        length = int(self.eos.max()) + 1 if truncate else tokens.shape[1]
+        with torch.no_grad():
+            emb = self.tower.token_embedding(tokens[:, :length])
+        self.sos = emb[:1, :1]                            # (1, 1, W), the same for every class
+        self.suffix = emb[:, 1 + n_ctx:]                  # (C, L-1-n, W): class name, '.', EOS, padding
+        self.length = length
+        blocks = self.tower.transformer.resblocks
+        from open_clip.transformer import ResidualAttentionBlock
+        self.shared_prefix = shared_prefix and all(type(b) is ResidualAttentionBlock for b in blocks)
+        self.cast = self.tower.transformer.get_cast_dtype()
+
+    @property
+    def n_classes(self) -> int:
+        return self.suffix.shape[0]
+
+    def __call__(self, ctx: torch.Tensor) -> torch.Tensor:
+        """ctx (n_ctx, W) -> L2-normalised text features (C, D); differentiable w.r.t. ctx."""
+        ctx = ctx.to(self.sos.device, self.cast)
+        with self.backbone.autocast():
+            x = self._encode_shared(ctx) if self.shared_prefix else self._encode_full(ctx)
+        return F.normalize(x.float(), dim=-1)
+
+    def _project(self, eos_states: torch.Tensor) -> torch.Tensor:
+        x = self.tower.ln_final(eos_states)
+        proj = self.tower.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def _mask(self) -> torch.Tensor:
+        return self.tower.attn_mask[:self.length, :self.length].to(self.sos.device)
+
+    def _encode_full(self, ctx: torch.Tensor) -> torch.Tensor:
+        C = self.n_classes
+        x = torch.cat([self.sos.expand(C, -1, -1), ctx.unsqueeze(0).expand(C, -1, -1), self.suffix], dim=1)
+        x = x + self.tower.positional_embedding[:self.length].to(x.dtype)
+        x = self.tower.transformer(x, attn_mask=self._mask())
+        return self._project(x[torch.arange(C), self.eos])
+
+    def _encode_shared(self, ctx: torch.Tensor) -> torch.Tensor:
+        C, p = self.n_classes, 1 + self.n_ctx
+        pos = self.tower.positional_embedding[:self.length].to(ctx.dtype)
+        prefix = torch.cat([self.sos[0], ctx], dim=0).unsqueeze(0) + pos[:p]     # (1, p, W)
+        suffix = self.suffix + pos[p:]                                           # (C, s, W)
+        mask = self._mask()
+        for block in self.tower.transformer.resblocks:
+            h_pre = block.ln_1(prefix)
+            h_suf = block.ln_1(suffix)
+            # The prefix attends only to itself (causal), exactly as inside every class's sequence.
+            prefix = prefix + block.ls_1(block.attn(h_pre, h_pre, h_pre, need_weights=False,
+                                                    attn_mask=mask[:p, :p].to(h_pre.dtype))[0])
+            prefix = prefix + block.ls_2(block.mlp(block.ln_2(prefix)))
+            kv = torch.cat([h_pre.expand(C, -1, -1), h_suf], dim=1)
+            suffix = suffix + block.ls_1(block.attn(h_suf, kv, kv, need_weights=False,
+                                                    attn_mask=mask[p:, :].to(h_suf.dtype))[0])
+            suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
+        return self._project(suffix[torch.arange(C), self.eos - p])
+
+    @torch.no_grad()
+    def encode_frozen(self, ctxs: torch.Tensor) -> torch.Tensor:
+        """Several contexts (E, n_ctx, W) -> (E, C, D) with no graph: experts and evaluation.
+
+        One prompt at a time on purpose: results then never depend on how many prompts a rank
+        encodes together, so they are identical at any number of ranks."""
+        return torch.stack([self(c) for c in ctxs]) if len(ctxs) else ctxs.new_zeros(0, self.n_classes, 0)

@@ -1,0 +1,285 @@
+"""Typed run configuration: defaults here, a TOML file on top, `--set key=value` on top of that.
+
+Every user mistake becomes one `PFedMoAPError` naming the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from .errors import PFedMoAPError
+
+ALGORITHMS = ("zeroshot", "local", "promptfl", "fedprox", "pfedmoap")
+PARTITIONS = ("iid", "dirichlet", "dirichlet-superclass", "pathological", "domain")
+ROUTERS = ("knn", "random", "fixed")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "micro-clip"      # open_clip model name, or a path to a model-config JSON file
+    pretrained: str = "digits"    # open_clip tag, a local checkpoint file, or "" for random init
+    device: str = "cpu"           # cpu | cuda | auto
+    precision: str = "fp32"       # autocast of the frozen towers on CUDA: fp32 | bf16 | fp16
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    root: str = ""
+    partition: str = "dirichlet"
+    n_clients: int = 10
+    beta: float = 0.5
+    min_size: int = 10
+    shots: int = 0                # 0 = all training images; else n per class per client
+    classes_per_client: int = 0   # pathological: 0 = n_classes // n_clients
+    domains: list[str] = field(default_factory=list)   # [] = every domain
+    clients_per_domain: int = 1
+    n_classes: int = 10           # synthetic only
+    n_train: int = 2000           # synthetic only
+    n_test: int = 1000            # synthetic only
+    cache_dir: str = "~/.cache/pfedmoap"   # image-feature cache; "" keeps features in memory only
+
+
+@dataclass
+class PromptConfig:
+    n_ctx: int = 16
+    init: str = ""                # "" = N(0, 0.02^2); else a phrase such as "a photo of a"
+    template: str = "a photo of a {}."   # the hand prompt of `zeroshot`
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.002
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    frac: float = 1.0             # fraction of clients sampled per round
+    eval_batch_size: int = 512
+
+
+@dataclass
+class MoEConfig:
+    n_experts: int = 10           # K, counting the local prompt
+    router: str = "knn"
+    lam: float = 0.5              # logits = lam * local + moe
+    gating_dim: int = 128
+    gating_heads: int = 8
+    scaling: float = 10.0
+    gating_lr: float = 0.01
+
+
+@dataclass
+class FedProxConfig:
+    mu: float = 0.5
+
+
+@dataclass
+class DPConfig:
+    clip: float = 0.0             # per-upload L2 bound on the prompt; 0 = off
+    noise_multiplier: float = 0.0  # Gaussian noise std = noise_multiplier * clip
+
+
+@dataclass
+class RunConfig:
+    threads: int = 0              # torch threads per rank; 0 = 1 with several ranks, else all cores
+    checkpoint_every: int = 1
+    progress: bool = True
+    truncate_eos: bool = True     # exact fast path: cut the text sequence after the last EOS
+    shared_prefix: bool = True    # exact fast path: encode [SOS]+ctx once for every class
+
+
+@dataclass
+class Config:
+    seed: int = 1
+    algorithm: str = "pfedmoap"
+    rounds: int = 10
+    out: str = "runs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    fedprox: FedProxConfig = field(default_factory=FedProxConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def hash(self, exclude: tuple[str, ...] = ("out", "run")) -> str:
+        """Identity of what a run computes (not where it writes or how fast)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        return hashlib.sha256(tomli_w.dumps(d).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- building a config
+
+def _coerce(key: str, value, typ):
+    """Check/convert `value` to the field type `typ`; strings from --set are parsed."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        if isinstance(value, str):
+            value = [s.strip() for s in value.split(",") if s.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise PFedMoAPError(f"{key} = {value!r}: expected a list of strings")
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise PFedMoAPError(f"{key} = {value!r}: expected true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise PFedMoAPError(f"{key} = {value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise PFedMoAPError(f"{key} = {value!r}: expected an integer") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise PFedMoAPError(f"{key} = {value!r}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise PFedMoAPError(f"{key} = {value!r}: expected a number") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise PFedMoAPError(f"{key} = {value!r}: expected a string")
+        return str(value)
+    raise TypeError(typ)
+
+
+def _fields(obj) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    obj, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        types = _fields(obj)
+        if part not in types:
+            where = ".".join(parts[:i]) or "top level"
+            raise PFedMoAPError(f"{key}: unknown key (valid in {where}: {', '.join(types)})")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(types[part]):
+                raise PFedMoAPError(f"{key}: is a section; set one of its keys, e.g. {key}.{_first(types[part])}")
+            setattr(obj, part, _coerce(key, value, types[part]))
+        else:
+            if not dataclasses.is_dataclass(types[part]):
+                raise PFedMoAPError(f"{key}: {'.'.join(parts[:i + 1])} is not a section")
+            obj = getattr(obj, part)
+
+
+def _first(cls) -> str:
+    return dataclasses.fields(cls)[0].name
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, typing.Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out += _flatten(v, key + ".") if isinstance(v, dict) else [(key, v)]
+    return out
+
+
+def from_dict(d: dict, base: Config | None = None) -> Config:
+    cfg = base if base is not None else Config()
+    for key, value in _flatten(d):
+        _set(cfg, key, value)
+    return cfg
+
+
+def load(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- `base` (e.g. the quick-start) <- TOML file <- `key=value` overrides; validated."""
+    cfg = from_dict(base or {})
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise PFedMoAPError(f"config file {path!r} does not exist")
+        try:
+            from_dict(tomllib.loads(p.read_text()), cfg)
+        except tomllib.TOMLDecodeError as e:
+            raise PFedMoAPError(f"config file {path!r} is not valid TOML: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise PFedMoAPError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value.strip())
+    validate(cfg)
+    return cfg
+
+
+def from_toml(text: str) -> Config:
+    cfg = from_dict(tomllib.loads(text))
+    validate(cfg)
+    return cfg
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise PFedMoAPError(msg)
+
+
+def validate(cfg: Config) -> None:
+    d, t, m = cfg.data, cfg.train, cfg.moe
+    _need(cfg.algorithm in ALGORITHMS, f"algorithm = {cfg.algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
+    _need(cfg.rounds >= 1, f"rounds = {cfg.rounds}: expected >= 1")
+    _need(d.n_clients >= 1, f"data.n_clients = {d.n_clients}: expected >= 1")
+    _need(d.partition in PARTITIONS, f"data.partition = {d.partition!r}: expected one of {', '.join(PARTITIONS)}")
+    _need(d.beta > 0, f"data.beta = {d.beta}: expected > 0")
+    _need(d.shots >= 0, f"data.shots = {d.shots}: expected >= 0")
+    _need(d.min_size >= 0, f"data.min_size = {d.min_size}: expected >= 0")
+    _need(d.clients_per_domain >= 1, f"data.clients_per_domain = {d.clients_per_domain}: expected >= 1")
+    _need(d.n_classes >= 2, f"data.n_classes = {d.n_classes}: expected >= 2")
+    _need(d.n_train >= 1 and d.n_test >= 1, "data.n_train and data.n_test: expected >= 1")
+    if d.root:
+        _need(Path(d.root).expanduser().is_dir(), f"data.root = {d.root!r}: directory does not exist")
+    _need(0 < t.frac <= 1, f"train.frac = {t.frac}: expected a fraction in (0, 1]")
+    _need(t.local_epochs >= 1, f"train.local_epochs = {t.local_epochs}: expected >= 1")
+    _need(t.batch_size >= 1, f"train.batch_size = {t.batch_size}: expected >= 1")
+    _need(t.eval_batch_size >= 1, f"train.eval_batch_size = {t.eval_batch_size}: expected >= 1")
+    _need(t.lr > 0, f"train.lr = {t.lr}: expected > 0")
+    _need(0 <= t.warmup_epochs, f"train.warmup_epochs = {t.warmup_epochs}: expected >= 0")
+    _need(cfg.prompt.n_ctx >= 1, f"prompt.n_ctx = {cfg.prompt.n_ctx}: expected >= 1")
+    _need("{}" in cfg.prompt.template, f"prompt.template = {cfg.prompt.template!r}: expected a '{{}}' for the class name")
+    _need(m.n_experts >= 1, f"moe.n_experts = {m.n_experts}: expected K >= 1 (the local prompt counts)")
+    _need(m.router in ROUTERS, f"moe.router = {m.router!r}: expected one of {', '.join(ROUTERS)}")
+    _need(m.gating_dim >= 1, f"moe.gating_dim = {m.gating_dim}: expected >= 1")
+    _need(m.gating_heads >= 1 and m.gating_dim % m.gating_heads == 0,
+          f"moe.gating_heads = {m.gating_heads}: expected a divisor of moe.gating_dim = {m.gating_dim}")
+    _need(m.scaling > 0, f"moe.scaling = {m.scaling}: expected > 0")
+    _need(cfg.fedprox.mu >= 0, f"fedprox.mu = {cfg.fedprox.mu}: expected >= 0")
+    _need(cfg.dp.clip >= 0, f"dp.clip = {cfg.dp.clip}: expected >= 0 (0 = off)")
+    _need(cfg.dp.noise_multiplier >= 0, f"dp.noise_multiplier = {cfg.dp.noise_multiplier}: expected >= 0")
+    _need(cfg.dp.noise_multiplier == 0 or cfg.dp.clip > 0,
+          "dp.noise_multiplier > 0 needs dp.clip > 0: the noise scale is noise_multiplier * clip")
+    _need(cfg.model.device in ("cpu", "cuda", "auto"), f"model.device = {cfg.model.device!r}: expected cpu, cuda or auto")
+    _need(cfg.model.precision in ("fp32", "bf16", "fp16"), f"model.precision = {cfg.model.precision!r}: expected fp32, bf16 or fp16")
+    _need(cfg.run.threads >= 0, f"run.threads = {cfg.run.threads}: expected >= 0 (0 = automatic)")
+    _need(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every = {cfg.run.checkpoint_every}: expected >= 0 (0 = only at the end)")
+
+
+# The embedded quick-start: the shipped micro CLIP on held-out digits with domain shift.
+QUICKSTART = {
+    "rounds": 5,
+    "out": "runs/quickstart",
+    "data": {"dataset": "digits", "partition": "dirichlet", "n_clients": 10, "beta": 0.5},
+    "train": {"local_epochs": 2},
+}
+QUICKSTART_ALGORITHMS = ("zeroshot", "local", "promptfl", "fedprox", "pfedmoap")

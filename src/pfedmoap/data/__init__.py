@@ -1,0 +1,1 @@
+"""Data sets, federated partitions and the image-feature cache."""

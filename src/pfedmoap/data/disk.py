@@ -1,0 +1,423 @@
+"""Data sets read from a local root, in the layouts users already have. Never a download.
+
+    data.root/
+      caltech-101/101_ObjectCategories/<class>/*.jpg   + caltech-101/split_zhou_Caltech101.json
+      oxford_pets/images/*.jpg                         + oxford_pets/split_zhou_OxfordPets.json
+      oxford_flowers/jpg/*.jpg                         + oxford_flowers/split_zhou_OxfordFlowers.json
+      food-101/images/<class>/*.jpg                    + food-101/split_zhou_Food101.json
+      dtd/images/<class>/*.jpg                         + dtd/split_zhou_DescribableTextures.json
+      cifar-10-batches-py/   (torchvision's on-disk format: data_batch_1..5, test_batch, batches.meta)
+      cifar-100-python/      (train, test, meta; super-classes from the coarse labels)
+      domainnet/<domain>/<class>/*.jpg          6 domains, the 10-class subset of FedBN / FedOTP
+      office_caltech_10/<domain>/<class>/*      4 domains, 10 classes
+
+`data.root` may also point at the data set's own folder (e.g. .../caltech-101). The CoOp split
+json holds "train"/"val"/"test" lists of [relative_path, label, classname]: train -> train,
+test -> test (val is unused). The multi-domain sets use split files when the layout ships them
+(`<domain>_train.txt`/`<domain>_test.txt` with "path label" lines, or FedBN's
+`<domain>_train.pkl`/`<domain>_test.pkl`), otherwise a deterministic 70/30 split per domain and
+class (seeded by the file names, independent of the run seed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import PFedMoAPError
+from .base import FederatedDataset, ImageSplit
+from .datasets import register
+
+IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+TEST_FRACTION = 0.3
+
+DOMAINNET_DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
+DOMAINNET_CLASSES = ["bird", "feather", "headphones", "ice_cream", "teapot", "tiger", "whale",
+                     "windmill", "wine_glass", "zebra"]
+OFFICE_DOMAINS = ["amazon", "caltech", "dslr", "webcam"]
+OFFICE_CLASSES = ["back_pack", "bike", "calculator", "headphones", "keyboard", "laptop_computer",
+                  "monitor", "mouse", "mug", "projector"]
+
+# name -> (folder, image folder, split json, layout hint)
+COOP = {
+    "caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "oxford_pets": ("oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    "oxford_flowers": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+    "food101": ("food-101", "images", "split_zhou_Food101.json"),
+    "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json"),
+}
+
+
+def readable(name: str) -> str:
+    """'water_lily' -> 'water lily' (class names as words for prompts)."""
+    return " ".join(str(name).replace("_", " ").split())
+
+
+def _fail(name: str, path, expected: str, why: str = "not found") -> PFedMoAPError:
+    return PFedMoAPError(f"data.root for {name}: {path} {why}; expected {expected}")
+
+
+def _root(cfg, name: str, expected: str) -> Path:
+    r = getattr(cfg, "root", "") or ""
+    if not r:
+        raise PFedMoAPError(f"data.root = '': {name} is read from a local folder; expected {expected}")
+    p = Path(os.path.expanduser(str(r)))
+    if not p.is_dir():
+        raise _fail(name, p, expected, "is not a directory")
+    return p
+
+
+def _loader(name: str, paths: list[Path]):
+    def load(i: int) -> Image.Image:
+        p = paths[i]
+        try:
+            with Image.open(p) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise PFedMoAPError(f"data.root for {name}: cannot read image {p} ({type(e).__name__})") from None
+    return load
+
+
+def _no_domains(cfg, name: str) -> None:
+    doms = list(getattr(cfg, "domains", []) or [])
+    if doms and doms != ["all"]:
+        raise PFedMoAPError(f"data.domains = {doms}: {name} has no domains; expected []")
+
+
+def _select_domains(cfg, name: str, all_domains: list[str]) -> list[str]:
+    doms = list(getattr(cfg, "domains", []) or [])
+    bad = [d for d in doms if d not in all_domains]
+    if bad:
+        raise PFedMoAPError(f"data.domains = {doms}: {bad[0]!r} is not a domain of {name}; "
+                            f"expected a subset of {all_domains}")
+    return [d for d in all_domains if d in doms] if doms else list(all_domains)
+
+
+# --------------------------------------------------------------------------- CoOp layout
+
+def _coop(cfg, name: str) -> FederatedDataset:
+    folder, imgdir, split = COOP[name]
+    expected = f"ROOT/{folder}/{imgdir}/ and ROOT/{folder}/{split} (CoOp layout)"
+    root = _root(cfg, name, expected)
+    base = root / folder if (root / folder).is_dir() else root
+    if not (base / split).is_file():
+        raise _fail(name, base / split, expected)
+    if not (base / imgdir).is_dir():
+        raise _fail(name, base / imgdir, expected)
+    try:
+        with open(base / split) as f:
+            js = json.load(f)
+    except (OSError, ValueError) as e:
+        raise _fail(name, base / split, expected, f"is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(js, dict) or not all(isinstance(js.get(k), list) for k in ("train", "test")):
+        raise _fail(name, base / split, expected + ' with "train" and "test" lists', "is malformed")
+
+    names: dict[int, str] = {}
+    splits = {}
+    for part in ("train", "test", "val"):
+        items = js.get(part) or []
+        rel, lab = [], []
+        for it in items:
+            ok = (isinstance(it, (list, tuple)) and len(it) == 3 and isinstance(it[0], str)
+                  and isinstance(it[1], int) and not isinstance(it[1], bool) and it[1] >= 0
+                  and isinstance(it[2], str))
+            if not ok:
+                raise _fail(name, base / split, expected + " whose entries are [relative_path, label, classname]",
+                            f"has a malformed {part!r} entry {str(it)[:80]}")
+            if names.setdefault(it[1], it[2]) != it[2]:
+                raise _fail(name, base / split, expected, f"gives label {it[1]} two class names "
+                            f"({names[it[1]]!r}, {it[2]!r})")
+            rel.append(it[0])
+            lab.append(it[1])
+        splits[part] = (rel, lab)
+    n = max(names) + 1 if names else 0
+    if n == 0 or sorted(names) != list(range(n)):
+        raise _fail(name, base / split, expected, "has labels that are not 0..C-1")
+    classnames = [names[i] for i in range(n)]
+    if name == "oxford_flowers" and (base / "cat_to_name.json").is_file():
+        # CoOp's split already holds the cat_to_name names; use the file only if the split lacks them
+        if all(c.strip().isdigit() for c in classnames):
+            try:
+                cat = json.loads((base / "cat_to_name.json").read_text())
+                classnames = [cat.get(str(i + 1), c) for i, c in enumerate(classnames)]
+            except (OSError, ValueError):
+                raise _fail(name, base / "cat_to_name.json", expected, "is not valid JSON") from None
+
+    def make(part: str) -> ImageSplit:
+        rel, lab = splits[part]
+        paths = [base / imgdir / r for r in rel]
+        return ImageSplit(_loader(name, paths), lab, None, keys=[f"{name}/{r}" for r in rel])
+
+    train, test = make("train"), make("test")
+    if len(train) == 0 or len(test) == 0:
+        raise _fail(name, base / split, expected, "has an empty train or test list")
+    for s, part in ((train, "train"), (test, "test")):   # cheap sanity check: first image exists
+        p = base / imgdir / splits[part][0][0]
+        if not p.is_file():
+            raise _fail(name, p, expected, f"(first {part} image of the split) is missing")
+    _no_domains(cfg, name)
+    return FederatedDataset(name, [readable(c) for c in classnames], train, test)
+
+
+@register("caltech101")
+def build_caltech101(cfg):
+    return _coop(cfg, "caltech101")
+
+
+@register("oxford_pets")
+def build_oxford_pets(cfg):
+    return _coop(cfg, "oxford_pets")
+
+
+@register("oxford_flowers")
+def build_oxford_flowers(cfg):
+    return _coop(cfg, "oxford_flowers")
+
+
+@register("food101")
+def build_food101(cfg):
+    return _coop(cfg, "food101")
+
+
+@register("dtd")
+def build_dtd(cfg):
+    return _coop(cfg, "dtd")
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+def _unpickle(name: str, path: Path, expected: str) -> dict:
+    if not path.is_file():
+        raise _fail(name, path, expected)
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a malformed root
+        raise _fail(name, path, expected, f"is not a CIFAR pickle ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise _fail(name, path, expected, "is not a CIFAR pickle (no dict)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _cifar_images(name: str, path: Path, d: dict, expected: str) -> np.ndarray:
+    try:
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    except (KeyError, ValueError) as e:
+        raise _fail(name, path, expected, f"is malformed ({type(e).__name__}: data)") from None
+    return np.ascontiguousarray(x)
+
+
+def _array_split(name: str, images: np.ndarray, labels, tag: str) -> ImageSplit:
+    def load(i: int) -> Image.Image:
+        return Image.fromarray(images[i]).convert("RGB")
+    return ImageSplit(load, labels, None, keys=[f"{name}/{tag}/{i}" for i in range(len(images))])
+
+
+def _cifar_dir(cfg, name: str, folder: str, expected: str) -> Path:
+    root = _root(cfg, name, expected)
+    base = root / folder if (root / folder).is_dir() else root
+    if base.name != folder and not (base / ("batches.meta" if name == "cifar10" else "meta")).is_file():
+        raise _fail(name, root / folder, expected)
+    return base
+
+
+@register("cifar10")
+def build_cifar10(cfg):
+    name = "cifar10"
+    expected = "ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (torchvision format)"
+    base = _cifar_dir(cfg, name, "cifar-10-batches-py", expected)
+    meta = _unpickle(name, base / "batches.meta", expected)
+    xs, ys = [], []
+    for i in range(1, 6):
+        p = base / f"data_batch_{i}"
+        d = _unpickle(name, p, expected)
+        xs.append(_cifar_images(name, p, d, expected))
+        ys.append(np.asarray(d.get("labels", []), np.int64))
+        if len(ys[-1]) != len(xs[-1]):
+            raise _fail(name, p, expected, "has labels and images of different lengths")
+    p = base / "test_batch"
+    d = _unpickle(name, p, expected)
+    xte, yte = _cifar_images(name, p, d, expected), np.asarray(d.get("labels", []), np.int64)
+    if len(xte) != len(yte):
+        raise _fail(name, p, expected, "has labels and images of different lengths")
+    classes = meta.get("label_names")
+    if not classes:
+        raise _fail(name, base / "batches.meta", expected, "has no label_names")
+    _no_domains(cfg, name)
+    return FederatedDataset(name, [readable(c) for c in classes],
+                            _array_split(name, np.concatenate(xs), np.concatenate(ys), "train"),
+                            _array_split(name, xte, yte, "test"))
+
+
+@register("cifar100")
+def build_cifar100(cfg):
+    name = "cifar100"
+    expected = "ROOT/cifar-100-python/{train, test, meta} (torchvision format)"
+    base = _cifar_dir(cfg, name, "cifar-100-python", expected)
+    meta = _unpickle(name, base / "meta", expected)
+    classes = meta.get("fine_label_names")
+    if not classes:
+        raise _fail(name, base / "meta", expected, "has no fine_label_names")
+    out, sc = {}, np.full(len(classes), -1, np.int64)
+    for part in ("train", "test"):
+        p = base / part
+        d = _unpickle(name, p, expected)
+        x = _cifar_images(name, p, d, expected)
+        fine = np.asarray(d.get("fine_labels", []), np.int64)
+        coarse = np.asarray(d.get("coarse_labels", []), np.int64)
+        if not (len(x) == len(fine) == len(coarse)):
+            raise _fail(name, p, expected, "has fine/coarse labels and images of different lengths")
+        if len(fine) and (fine.min() < 0 or fine.max() >= len(classes)):
+            raise _fail(name, p, expected, "has fine labels outside the meta's class list")
+        sc[fine] = coarse
+        out[part] = _array_split(name, x, fine, part)
+    if np.any(sc < 0):
+        sc = None   # a class never seen: no consistent super-class map
+    _no_domains(cfg, name)
+    return FederatedDataset(name, [readable(c) for c in classes], out["train"], out["test"], superclass=sc)
+
+
+# --------------------------------------------------------------------------- multi-domain folders
+
+def _det_split(files: list[str], key: str) -> tuple[list[str], list[str]]:
+    """Deterministic train/test split of one (domain, class) folder: 70/30, seeded by the key."""
+    files = sorted(files)
+    n = len(files)
+    if n < 2:
+        return files, []
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    perm = rng.permutation(n)
+    n_test = min(max(1, int(round(TEST_FRACTION * n))), n - 1)
+    test = sorted(files[i] for i in perm[:n_test])
+    train = sorted(files[i] for i in perm[n_test:])
+    return train, test
+
+
+def _read_split_file(base: Path, dom: str, part: str) -> list[str] | None:
+    """Relative paths '<domain>/<class>/<file>' from a shipped split file, or None if there is none."""
+    txt, pkl = base / f"{dom}_{part}.txt", base / f"{dom}_{part}.pkl"
+    if txt.is_file():
+        lines = [ln.split()[0] for ln in txt.read_text().splitlines() if ln.strip()]
+    elif pkl.is_file():
+        try:
+            paths, _ = np.load(pkl, allow_pickle=True)
+        except Exception:  # noqa: BLE001
+            return None
+        lines = [str(p) for p in paths]
+    else:
+        return None
+    out = []
+    for ln in lines:
+        parts = Path(ln.replace("\\", "/")).parts
+        if len(parts) >= 3:
+            out.append("/".join(parts[-3:]))    # keep <domain>/<class>/<file>, whatever the prefix
+    return out
+
+
+def _domain_folders(cfg, name: str, folder: str, all_domains: list[str], classes: list[str] | None,
+                    expected: str) -> FederatedDataset:
+    root = _root(cfg, name, expected)
+    base = root / folder if (root / folder).is_dir() else root
+    domains = _select_domains(cfg, name, all_domains)
+    dom_dirs = {}
+    for d in domains:
+        p = base / d
+        if (p / "images").is_dir():            # Office-31 style <domain>/images/<class>/
+            p = p / "images"
+        if not p.is_dir():
+            raise _fail(name, base / d, expected)
+        dom_dirs[d] = p
+    found = {d: sorted(c.name for c in p.iterdir() if c.is_dir()) for d, p in dom_dirs.items()}
+    if classes is None:
+        classes = found[domains[0]]
+    for d in domains:
+        missing = [c for c in classes if c not in found[d]]
+        if missing or not classes:
+            raise _fail(name, dom_dirs[d] / (missing[0] if missing else ""), expected,
+                        f"(class folder{'s' if len(missing) > 1 else ''} {missing[:3]} of domain {d!r}) not found"
+                        if missing else "has no class folders")
+    cidx = {c: i for i, c in enumerate(classes)}
+
+    rows = {"train": ([], [], [], []), "test": ([], [], [], [])}   # paths, labels, domains, keys
+    for di, d in enumerate(domains):
+        shipped = {part: _read_split_file(base, d, part) for part in ("train", "test")}
+        use_files = all(v is not None for v in shipped.values())
+        for c in classes:
+            cdir = dom_dirs[d] / c
+            files = [f.name for f in cdir.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXT]
+            if use_files:
+                have = set(files)
+                split = {part: sorted({Path(r).name for r in shipped[part]
+                                       if Path(r).parts[-2] == c and Path(r).name in have})
+                         for part in ("train", "test")}
+            else:
+                tr, te = _det_split(files, f"{name}/{d}/{c}")
+                split = {"train": tr, "test": te}
+            for part, fs in split.items():
+                P, L, D, K = rows[part]
+                for fn in fs:
+                    P.append(cdir / fn)
+                    L.append(cidx[c])
+                    D.append(di)
+                    K.append(f"{name}/{d}/{c}/{fn}")
+        if not any(dd == di for dd in rows["train"][2]):
+            raise _fail(name, dom_dirs[d], expected, "holds no images")
+
+    def make(part):
+        P, L, D, K = rows[part]
+        return ImageSplit(_loader(name, P), L, D, keys=K)
+
+    return FederatedDataset(name, [readable(c) for c in classes], make("train"), make("test"),
+                            domain_names=domains)
+
+
+@register("domainnet")
+def build_domainnet(cfg):
+    expected = ("ROOT/domainnet/<domain>/<class>/*.jpg with domains " + "/".join(DOMAINNET_DOMAINS)
+                + " and the 10 classes " + ",".join(DOMAINNET_CLASSES))
+    return _domain_folders(cfg, "domainnet", "domainnet", DOMAINNET_DOMAINS, DOMAINNET_CLASSES, expected)
+
+
+@register("office_caltech10")
+def build_office_caltech10(cfg):
+    expected = ("ROOT/office_caltech_10/<domain>/<class>/* with domains " + "/".join(OFFICE_DOMAINS)
+                + " and the 10 classes " + ",".join(OFFICE_CLASSES))
+    return _domain_folders(cfg, "office_caltech10", "office_caltech_10", OFFICE_DOMAINS, OFFICE_CLASSES,
+                           expected)
+
+
+# --------------------------------------------------------------------------- check
+
+def check_root(cfg) -> str:
+    """Load cfg.dataset from cfg.root and describe it: split counts, classes, domains, a sample image.
+
+    Raises PFedMoAPError (one line) when the root is missing or malformed."""
+    from .datasets import load_dataset
+
+    ds = load_dataset(cfg)
+    lines = [f"{ds.name}: root {getattr(cfg, 'root', '') or '(embedded)'}",
+             f"  train {len(ds.train)} images, test {len(ds.test)} images, {ds.n_classes} classes"]
+    shown = ", ".join(ds.classnames[:8]) + (", ..." if ds.n_classes > 8 else "")
+    lines.append(f"  classes: {shown}")
+    for tag, s in (("train", ds.train), ("test", ds.test)):
+        cnt = np.bincount(s.labels, minlength=ds.n_classes)
+        lines.append(f"  {tag} per class: min {cnt.min() if len(cnt) else 0}, max {cnt.max() if len(cnt) else 0}"
+                     + (f", {int((cnt == 0).sum())} classes empty" if (cnt == 0).any() else ""))
+    if len(ds.domain_names) > 1:
+        tr = np.bincount(ds.train.domains, minlength=len(ds.domain_names))
+        te = np.bincount(ds.test.domains, minlength=len(ds.domain_names))
+        lines.append("  domains: " + ", ".join(f"{d} {a}/{b}" for d, a, b in zip(ds.domain_names, tr, te))
+                     + " (train/test)")
+    if ds.superclass is not None:
+        lines.append(f"  super-classes: {len(np.unique(ds.superclass))}")
+    for tag, s in (("train", ds.train), ("test", ds.test)):
+        if len(s):
+            im = s.load(0)
+            lines.append(f"  first {tag} image: {s.keys[0]} ({im.size[0]}x{im.size[1]}, "
+                         f"label {s.labels[0]} = {ds.classnames[s.labels[0]]!r})")
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+"""Keyed random draws: every draw is a pure function of (seed, purpose, round, client).
+
+Never keyed by rank or position in a group, so results do not depend on the number of ranks, and a
+resumed run draws exactly what an uninterrupted one would (no RNG state to carry).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+
+def key(seed: int, purpose: str, round_: int = 0, client: int = 0) -> int:
+    digest = hashlib.sha256(f"{seed}/{purpose}/{round_}/{client}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def numpy_rng(seed: int, purpose: str, round_: int = 0, client: int = 0) -> np.random.Generator:
+    return np.random.default_rng(key(seed, purpose, round_, client))
+
+
+def torch_generator(seed: int, purpose: str, round_: int = 0, client: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(key(seed, purpose, round_, client))

@@ -1,0 +1,47 @@
+"""Expert selection: which K-1 pool prompts each client receives as non-local experts.
+
+Pure functions of the pool, the seed and the round. A client never receives itself, clients that
+never uploaded are never experts, and ids are client ids (never positions in a list).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import rng
+
+
+def route(method: str, pool: np.ndarray, in_pool: np.ndarray, queries: np.ndarray, clients: np.ndarray,
+          n: int, seed: int, round_: int) -> np.ndarray:
+    """Experts for `clients`: (len(clients), n) int32 client ids, -1 where fewer than n exist.
+
+    pool (N, P): each client's latest upload; in_pool (N,) bool: the client has uploaded;
+    queries (len(clients), P): the prompt each client is compared by (`knn`)."""
+    out = np.full((len(clients), n), -1, np.int32)
+    if n == 0 or not in_pool.any():
+        return out
+    if method == "knn":
+        cand = np.flatnonzero(in_pool)
+        q = queries.astype(np.float64)
+        p = pool[cand].astype(np.float64)
+        # One batched distance matrix for all clients.
+        d = (q * q).sum(1)[:, None] + (p * p).sum(1)[None, :] - 2 * q @ p.T
+        d[cand[None, :] == clients[:, None]] = np.inf
+        order = np.argsort(d, axis=1, kind="stable")
+        for i, c in enumerate(clients):
+            chosen = cand[order[i]][np.isfinite(d[i, order[i]])][:n]
+            out[i, :len(chosen)] = chosen
+    elif method == "random":
+        for i, c in enumerate(clients):
+            cand = np.flatnonzero(in_pool & (np.arange(len(in_pool)) != c))
+            chosen = rng.numpy_rng(seed, "router", round_, int(c)).permutation(cand)[:n]
+            out[i, :len(chosen)] = chosen
+    elif method == "fixed":
+        # The reference code's selection: one seeded permutation, its first n trained clients.
+        perm = rng.numpy_rng(seed, "router-fixed").permutation(len(in_pool))
+        perm = perm[in_pool[perm]]
+        for i, c in enumerate(clients):
+            chosen = perm[perm != c][:n]
+            out[i, :len(chosen)] = chosen
+    else:
+        raise ValueError(method)
+    return out

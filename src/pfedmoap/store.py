@@ -1,0 +1,154 @@
+"""HDF5 run files: `results.h5` (every round) and `checkpoint.h5` (to resume). Layout: docs/hdf5-layout.md.
+
+Rank 0 is the only writer. Both files are written whole to a temporary file, flushed, synced and
+renamed over the old one: a job killed at any moment leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .errors import PFedMoAPError
+
+SCHEMA_VERSION = 1
+RESULTS, CHECKPOINT = "results.h5", "checkpoint.h5"
+
+# per round x client arrays and their fill values
+ROUND_FIELDS = {"accuracy": np.float32, "macro_f1": np.float32, "loss": np.float32,
+                "participated": np.bool_, "experts": np.int32, "gate_weight": np.float32,
+                "bytes_up": np.int64, "bytes_down": np.int64, "phase_time": np.float32,
+                "wall_time": np.float32}
+
+
+def _atomic_write(path: Path, fill) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        fill(f)
+        f.flush()
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Results:
+    """The results log held by rank 0 and rewritten atomically after every round."""
+
+    def __init__(self, run_dir: Path, attrs: dict, partition: dict, phases: list[str]):
+        self.path = Path(run_dir) / RESULTS
+        self.attrs = {"schema_version": SCHEMA_VERSION, "package_version": __version__,
+                      "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "rounds_done": 0, "status": "running", **attrs}
+        self.partition = partition
+        self.phases = phases
+        self.rows: dict[str, list[np.ndarray]] = {k: [] for k in ROUND_FIELDS}
+
+    def append(self, row: dict) -> None:
+        for k in ROUND_FIELDS:
+            self.rows[k].append(np.asarray(row[k], ROUND_FIELDS[k]))
+        self.attrs["rounds_done"] = len(self.rows["accuracy"])
+
+    def truncate(self, n_rounds: int) -> None:
+        for k in self.rows:
+            del self.rows[k][n_rounds:]
+        self.attrs["rounds_done"] = n_rounds
+
+    def write(self, status: str | None = None) -> None:
+        if status:
+            self.attrs["status"] = status
+
+        def fill(f):
+            for k, v in self.attrs.items():
+                f.attrs[k] = v
+            g = f.create_group("partition")
+            for k, v in self.partition.items():
+                if k == "classnames":
+                    g.attrs["classnames"] = list(v)
+                else:
+                    g.create_dataset(k, data=v)
+            r = f.create_group("rounds")
+            for k, rows in self.rows.items():
+                if rows:
+                    r.create_dataset(k, data=np.stack(rows))
+            if "phase_time" in r:
+                r["phase_time"].attrs["phases"] = self.phases
+        _atomic_write(self.path, fill)
+
+    @classmethod
+    def reopen(cls, run_dir: Path, n_rounds: int) -> "Results":
+        """The log of a run being resumed, cut back to its first `n_rounds` rounds."""
+        data = read_results(run_dir)
+        res = cls.__new__(cls)
+        res.path = Path(run_dir) / RESULTS
+        res.attrs = dict(data["attrs"])
+        res.partition = dict(data["partition"])
+        res.phases = list(data["phases"])
+        res.rows = {k: list(data["rounds"].get(k, np.empty((0,))))[:n_rounds] for k in ROUND_FIELDS}
+        res.attrs["rounds_done"] = n_rounds
+        res.attrs["status"] = "running"
+        return res
+
+
+def read_results(path: str | Path) -> dict:
+    """Everything in a results file: {"attrs", "partition" (+ "classnames"), "rounds", "phases"}."""
+    p = Path(path)
+    f_path = p / RESULTS if p.is_dir() else p
+    if not f_path.is_file():
+        raise PFedMoAPError(f"{path}: not a run (expected a run directory holding {RESULTS}, or the file)")
+    try:
+        with h5py.File(f_path, "r") as f:
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            if "schema_version" not in attrs or "rounds" not in f:
+                raise PFedMoAPError(f"{f_path}: an HDF5 file but not a pfedmoap run (no schema_version/rounds)")
+            part = {k: f["partition"][k][()] for k in f["partition"]} if "partition" in f else {}
+            if "partition" in f and "classnames" in f["partition"].attrs:
+                part["classnames"] = [c.decode() if isinstance(c, bytes) else str(c)
+                                      for c in f["partition"].attrs["classnames"]]
+            rounds = {k: f["rounds"][k][()] for k in f["rounds"]}
+            phases = []
+            if "phase_time" in f["rounds"]:
+                phases = [s.decode() if isinstance(s, bytes) else str(s)
+                          for s in f["rounds"]["phase_time"].attrs.get("phases", [])]
+    except OSError as e:
+        raise PFedMoAPError(f"{f_path}: not a readable HDF5 file ({e})") from None
+    return {"attrs": attrs, "partition": part, "rounds": rounds, "phases": phases}
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def write_checkpoint(run_dir: Path, round_: int, config_toml: str, config_hash: str,
+                     arrays: dict[str, np.ndarray]) -> None:
+    def fill(f):
+        f.attrs.update({"schema_version": SCHEMA_VERSION, "kind": "pfedmoap-checkpoint",
+                        "config": config_toml, "config_hash": config_hash, "round": round_,
+                        "package_version": __version__})
+        for k, v in arrays.items():
+            f.create_dataset(k, data=v)
+    _atomic_write(Path(run_dir) / CHECKPOINT, fill)
+
+
+def read_checkpoint(run_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(attributes, arrays); a corrupt, truncated or foreign file is one clear error."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise PFedMoAPError(f"{run_dir}: no {CHECKPOINT} to resume from")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            if attrs.get("kind") != "pfedmoap-checkpoint":
+                raise PFedMoAPError(f"{path}: not a pfedmoap checkpoint")
+            if attrs.get("schema_version") != SCHEMA_VERSION:
+                raise PFedMoAPError(f"{path}: checkpoint schema version {attrs.get('schema_version')}, "
+                                    f"this pfedmoap reads version {SCHEMA_VERSION}")
+            arrays = {k: f[k][()] for k in f}
+    except (OSError, KeyError, ValueError) as e:
+        raise PFedMoAPError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+    return attrs, arrays
+
+
+def has_run(run_dir: Path) -> bool:
+    return (Path(run_dir) / RESULTS).exists() or (Path(run_dir) / CHECKPOINT).exists()
