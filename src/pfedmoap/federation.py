@@ -66,7 +66,7 @@ class Federation:
         self.n_experts = cfg.moe.n_experts - 1 if self.algo_cls.uses_experts else 0
 
         m = cfg.model
-        self.backbone = Backbone(m.name, m.pretrained, m.device, m.precision)
+        self.backbone = Backbone(m.name, m.pretrained, m.device, m.precision, rng.key(cfg.seed, "backbone-init"))
         n_ctx = context_length(cfg.prompt.n_ctx, cfg.prompt.init, self.backbone)
         self.encoder = PromptEncoder(self.backbone, self.dataset.classnames, n_ctx,
                                      truncate=cfg.run.truncate_eos, shared_prefix=cfg.run.shared_prefix)

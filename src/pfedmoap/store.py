@@ -86,36 +86,83 @@ class Results:
         res.path = Path(run_dir) / RESULTS
         res.attrs = dict(data["attrs"])
         res.partition = dict(data["partition"])
-        res.phases = list(data["phases"])
+        res.phases = list(data["rounds"].pop("phases", []))
         res.rows = {k: list(data["rounds"].get(k, np.empty((0,))))[:n_rounds] for k in ROUND_FIELDS}
         res.attrs["rounds_done"] = n_rounds
         res.attrs["status"] = "running"
         return res
 
 
+REQUIRED_ATTRS = ("schema_version", "package_version", "config", "algorithm", "dataset",
+                  "partition", "seed", "world_size", "start_time", "n_clients", "n_classes",
+                  "n_rounds", "rounds_done", "status")
+_EXPECTED = f"expected a pfedmoap run directory or its {RESULTS} (docs/hdf5-layout.md)"
+
+
+def results_file(path: str | Path) -> Path:
+    """The results.h5 of a run given as its directory or as the file itself."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / RESULTS
+        if file.is_file():
+            return file
+        runs = sum(1 for sub in path.iterdir() if (sub / RESULTS).is_file())
+        hint = f" (it holds {runs} run directories: pass them, e.g. {path}/*)" if runs else ""
+        raise PFedMoAPError(f"{path}: no {RESULTS} in this directory{hint}; {_EXPECTED}")
+    if not path.exists():
+        raise PFedMoAPError(f"{path}: no such file or directory; {_EXPECTED}")
+    return path
+
+
 def read_results(path: str | Path) -> dict:
-    """Everything in a results file: {"attrs", "partition" (+ "classnames"), "rounds", "phases"}."""
-    p = Path(path)
-    f_path = p / RESULTS if p.is_dir() else p
-    if not f_path.is_file():
-        raise PFedMoAPError(f"{path}: not a run (expected a run directory holding {RESULTS}, or the file)")
+    """Everything in a results.h5 as plain Python and numpy:
+    `{"attrs": {...}, "partition": {name: ndarray, "classnames": [str]},
+    "rounds": {name: ndarray, "phases": [str]}}`.
+
+    Root attributes are checked only for the schema this package writes; a file of another
+    schema_version is returned as found so the caller can report it. Opens without HDF5 file locking
+    so that a run still being written can be read (rows may be one round behind `rounds_done`)."""
+    file = results_file(path)
+    if not h5py.is_hdf5(file):
+        raise PFedMoAPError(f"{file}: not an HDF5 file; {_EXPECTED}")
     try:
-        with h5py.File(f_path, "r") as f:
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            if "schema_version" not in attrs or "rounds" not in f:
-                raise PFedMoAPError(f"{f_path}: an HDF5 file but not a pfedmoap run (no schema_version/rounds)")
-            part = {k: f["partition"][k][()] for k in f["partition"]} if "partition" in f else {}
-            if "partition" in f and "classnames" in f["partition"].attrs:
-                part["classnames"] = [c.decode() if isinstance(c, bytes) else str(c)
-                                      for c in f["partition"].attrs["classnames"]]
-            rounds = {k: f["rounds"][k][()] for k in f["rounds"]}
-            phases = []
-            if "phase_time" in f["rounds"]:
-                phases = [s.decode() if isinstance(s, bytes) else str(s)
-                          for s in f["rounds"]["phase_time"].attrs.get("phases", [])]
-    except OSError as e:
-        raise PFedMoAPError(f"{f_path}: not a readable HDF5 file ({e})") from None
-    return {"attrs": attrs, "partition": part, "rounds": rounds, "phases": phases}
+        with h5py.File(file, "r", locking=False) as h5:
+            attrs = {key: _plain(value) for key, value in h5.attrs.items()}
+            missing = [key for key in REQUIRED_ATTRS if key not in attrs]
+            if "schema_version" in attrs and attrs["schema_version"] != SCHEMA_VERSION:
+                missing = []
+            if missing:
+                raise PFedMoAPError(f"{file}: missing root attribute(s) {', '.join(missing)}; "
+                                    f"{_EXPECTED}")
+            partition = _read_group(h5, "partition", "classnames")
+            rounds = _read_group(h5, "rounds", None)
+            if "phase_time" in rounds:
+                rounds["phases"] = _plain(h5["rounds/phase_time"].attrs.get("phases", []))
+    except OSError as err:
+        raise PFedMoAPError(f"{file}: unreadable HDF5 ({str(err).splitlines()[0]}); "
+                            f"{_EXPECTED}") from err
+    return {"attrs": attrs, "partition": partition, "rounds": rounds}
+
+
+def _read_group(h5: h5py.File, name: str, list_attr: str | None) -> dict:
+    group = h5.get(name)
+    if not isinstance(group, h5py.Group):
+        return {}
+    out = {key: item[()] for key, item in group.items() if isinstance(item, h5py.Dataset)}
+    if list_attr is not None:
+        out[list_attr] = _plain(group.attrs.get(list_attr, []))
+    return out
+
+
+def _plain(value):
+    """h5py attribute values as Python values: str for strings, lists of str, int/float scalars."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    return value
 
 
 # ---------------------------------------------------------------------------- checkpoints

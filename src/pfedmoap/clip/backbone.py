@@ -44,7 +44,7 @@ class Backbone:
     """A frozen open_clip model in eval mode, with its tokenizer and eval preprocessing."""
 
     def __init__(self, name: str = "micro-clip", pretrained: str = "", device: str = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", seed: int = 0):
         import open_clip
         os.environ.setdefault("HF_HUB_OFFLINE", "1")   # a tag must never wait on the network
         model_name = name
@@ -60,7 +60,9 @@ class Backbone:
                                 f"(known: {', '.join(open_clip.list_models()[:8])}, ...)")
         self.device = resolve_device(device)
         self.precision = precision
-        self.model = self._create(open_clip, model_name, pretrained)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)      # random init must be the same on every rank and every run
+            self.model = self._create(open_clip, model_name, pretrained)
         self.model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

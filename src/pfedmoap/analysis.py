@@ -1,0 +1,477 @@
+"""Reading runs back: summary tables over seeds, curves and comparison figures.
+
+Library code: nothing here parses arguments or prints; `report_main` returns the text the CLI
+prints.
+The headline metric (DESIGN.md §1) is the unweighted mean over clients of the per-client accuracy,
+at the last round and over the last 5 rounds. Accuracies in the file are fractions; the terminal
+and Markdown tables and the figures show percent, the CSV keeps the file's units.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import tomllib
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .store import SCHEMA_VERSION, read_results
+from .errors import PFedMoAPError
+
+FORMATS = ("table", "csv", "markdown")
+LAST_K = 5
+ALGORITHM_ORDER = ("zeroshot", "local", "promptfl", "fedprox", "pfedmoap")
+SEED_KEYS = frozenset({"seed", "out"})  # config keys that may differ between the seeds of one group
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run read back. `rounds` arrays are cut to the rows actually written (`n_done`)."""
+    path: Path
+    attrs: dict
+    config: dict
+    partition: dict
+    rounds: dict
+    status: str  # complete | running | stopped | incomplete | schema N unsupported
+
+    @property
+    def name(self) -> str:
+        """The run directory's name, used in figure names and titles."""
+        return self.path.resolve().parent.name
+
+    @property
+    def algorithm(self) -> str:
+        return str(self.attrs.get("algorithm", "?"))
+
+    @property
+    def seed(self) -> int | None:
+        return self.attrs.get("seed")
+
+    @property
+    def n_done(self) -> int:
+        return len(self.rounds.get("accuracy", ()))
+
+    @property
+    def n_planned(self) -> int:
+        return 1 if self.algorithm == "zeroshot" else int(self.attrs.get("n_rounds", 0))
+
+    @property
+    def readable(self) -> bool:
+        return self.attrs.get("schema_version") == SCHEMA_VERSION
+
+    def accuracy_curve(self) -> np.ndarray:
+        """(R,) unweighted mean over clients of the accuracy, per round."""
+        return _nanmean(self.rounds["accuracy"], axis=1)
+
+
+def load_run(path: str | Path) -> Run:
+    """Read one run (its directory or its results.h5). A path that is not a run raises
+    PFedMoAPError; an incomplete run or one of another schema version loads with that status."""
+    data = read_results(path)
+    attrs = data["attrs"]
+    file = Path(path) / "results.h5" if Path(path).is_dir() else Path(path)
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        status = f"schema {attrs.get('schema_version')} unsupported"
+        return Run(file, attrs, _parse_config(attrs.get("config")), {}, {}, status)
+    rounds = data["rounds"]
+    per_round = {k: v for k, v in rounds.items() if isinstance(v, np.ndarray) and v.ndim >= 1}
+    if int(attrs["rounds_done"]) > 0 and "accuracy" not in per_round:
+        raise PFedMoAPError(f"{file}: rounds_done is {attrs['rounds_done']} but there is no "
+                            "/rounds/accuracy; expected a pfedmoap results.h5 "
+                            "(docs/hdf5-layout.md)")
+    # A run being written may have resized some data sets for the next round and not others.
+    n = min([int(attrs["rounds_done"])] + [len(v) for v in per_round.values()])
+    rounds = {k: (v[:n] if k in per_round else v) for k, v in rounds.items()}
+    rounds.setdefault("accuracy", np.zeros((0, int(attrs["n_clients"])), np.float32))
+    run = Run(file, attrs, _parse_config(attrs["config"]), data["partition"], rounds,
+              str(attrs["status"]))
+    if run.status == "complete" and run.n_done < run.n_planned:
+        return replace(run, status="incomplete")
+    return run
+
+
+class Stat(NamedTuple):
+    """Mean and sample standard deviation (ddof=1) over a group's runs; std is None for one run."""
+    mean: float
+    std: float | None
+
+    @classmethod
+    def of(cls, values) -> Stat | None:
+        values = np.asarray(values, dtype=np.float64)
+        if values.size == 0:
+            return None
+        std = float(np.std(values, ddof=1)) if values.size > 1 else None
+        return cls(float(np.mean(values)), std)
+
+
+@dataclass
+class Row:
+    """One line of the report: a run, or the seeds of one configuration."""
+    algorithm: str
+    dataset: str
+    partition: str
+    variant: str  # config keys that set this row apart from others with the same three labels
+    seeds: tuple
+    status: str
+    rounds_done: int
+    n_rounds: int
+    paths: tuple[Path, ...]
+    acc_last: Stat | None = None
+    acc_last5: Stat | None = None
+    best_round: int | None = None  # 1-based round with the best seed-mean accuracy
+    best_acc: Stat | None = None
+    macro_f1: Stat | None = None
+    bytes_per_round: Stat | None = None
+    note: str = ""
+
+
+@dataclass
+class Group:
+    """Runs reported as one row: the seeds of one complete configuration, or a single run."""
+    runs: list[Run] = field(default_factory=list)
+    variant: str = ""
+
+    @property
+    def label(self) -> tuple[str, str, str]:
+        first = self.runs[0]
+        return (first.algorithm, str(first.attrs.get("dataset", "?")),
+                str(first.attrs.get("partition", "?")))
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Complete runs whose configs are equal apart from seed and output dir form one group; any
+    other run stands alone. Sorted by data set, partition, then algorithm (baselines first)."""
+    groups: dict[str, Group] = {}
+    seen: set[Path] = set()
+    for run in runs:
+        where = run.path.resolve()
+        if where in seen:  # the same run named twice
+            continue
+        seen.add(where)
+        if run.status == "complete":
+            key = json.dumps([run.algorithm, run.attrs.get("dataset"), run.attrs.get("partition"),
+                              run.n_done, _without_seed(run.config)], sort_keys=True, default=str)
+        else:
+            key = str(where)
+        groups.setdefault(key, Group()).runs.append(run)
+    out = list(groups.values())
+    _name_variants(out)
+
+    def order(g: Group):
+        algo, dataset, partition = g.label
+        rank = ALGORITHM_ORDER.index(algo) if algo in ALGORITHM_ORDER else len(ALGORITHM_ORDER)
+        return (dataset, partition, rank, algo, g.variant, str(g.runs[0].seed))
+    return sorted(out, key=order)
+
+
+def summarize(runs: list[Run]) -> list[Row]:
+    """One row per group of `group_runs`, with the headline metrics as mean ± std over seeds."""
+    return [_summarize_group(group) for group in group_runs(runs)]
+
+
+def _summarize_group(group: Group) -> Row:
+    runs = group.runs
+    first = runs[0]
+    row = Row(*group.label, variant=group.variant,
+              seeds=tuple(sorted(r.seed for r in runs)), status=first.status,
+              rounds_done=first.n_done, n_rounds=first.n_planned, paths=tuple(r.path for r in runs))
+    if not first.readable:
+        row.n_rounds = 0  # sizes of another schema are not interpreted
+        row.note = (f"{first.path}: schema_version {first.attrs.get('schema_version')}, this "
+                    f"pfedmoap reads {SCHEMA_VERSION}: listed, not summarised")
+        return row
+    if first.status != "complete":
+        row.note = (f"{first.path}: {first.status}, {first.n_done} of {first.n_planned} "
+                    "rounds written")
+    if first.n_done == 0:
+        return row
+    curves = np.stack([r.accuracy_curve() for r in runs])
+    row.acc_last = Stat.of(curves[:, -1])
+    row.acc_last5 = Stat.of(curves[:, -LAST_K:].mean(axis=1))
+    mean_curve = curves.mean(axis=0)
+    if np.isfinite(mean_curve).any():
+        best = int(np.nanargmax(mean_curve))
+        row.best_round, row.best_acc = best + 1, Stat.of(curves[:, best])
+    if all("macro_f1" in r.rounds for r in runs):
+        row.macro_f1 = Stat.of([_nanmean(r.rounds["macro_f1"][-1]) for r in runs])
+    if all("bytes_up" in r.rounds and "bytes_down" in r.rounds for r in runs):
+        row.bytes_per_round = Stat.of([
+            (r.rounds["bytes_up"].sum(axis=1) + r.rounds["bytes_down"].sum(axis=1)).mean()
+            for r in runs])
+    return row
+
+
+# ---------------------------------------------------------------------------------------- tables
+
+_COLUMNS = ("algorithm", "dataset", "partition", "variant", "seeds", "status", "rounds",
+            "acc last (%)", f"acc last {LAST_K} (%)", "best round", "best acc (%)",
+            "macro-F1 (%)", "bytes/round")
+
+
+def format_table(rows: list[Row], fmt: str = "table") -> str:
+    """`table` (aligned text for a terminal), `markdown`, or `csv` (file units, one column per
+    mean and std, no notes). Table and Markdown end with one note per run that is incomplete,
+    still running or of another schema version."""
+    _check_format(fmt)
+    if fmt == "csv":
+        return _csv(rows)
+    cells = [_display_cells(row) for row in rows]
+    columns = list(_COLUMNS)
+    if not any(c[3] for c in cells):  # no variants: drop the column
+        columns.pop(3)
+        cells = [c[:3] + c[4:] for c in cells]
+    notes = [row.note for row in rows if row.note]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cell) + " |" for cell in cells]
+        lines += ([""] + [f"- {note}" for note in notes]) if notes else []
+        return "\n".join(lines) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(columns, *cells)]
+    numeric = set(range(columns.index("rounds"), len(columns)))
+
+    def line(values):
+        return "  ".join(v.rjust(w) if i in numeric else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+    lines = [line(columns), line(["-" * w for w in widths])] + [line(c) for c in cells]
+    lines += ([""] + [f"note: {note}" for note in notes]) if notes else []
+    return "\n".join(lines) + "\n"
+
+
+def _display_cells(row: Row) -> list[str]:
+    return [row.algorithm, row.dataset, row.partition, row.variant,
+            ",".join(str(s) for s in row.seeds), row.status,
+            f"{row.rounds_done}/{row.n_rounds}" if row.n_rounds else "",
+            _pm(row.acc_last, 100), _pm(row.acc_last5, 100),
+            "" if row.best_round is None else str(row.best_round), _pm(row.best_acc, 100),
+            _pm(row.macro_f1, 100), _bytes(row.bytes_per_round)]
+
+
+def _pm(stat: Stat | None, scale: float = 1.0, digits: int = 2) -> str:
+    if stat is None or not np.isfinite(stat.mean):
+        return ""
+    text = f"{stat.mean * scale:.{digits}f}"
+    return text if stat.std is None else f"{text} ± {stat.std * scale:.{digits}f}"
+
+
+def _bytes(stat: Stat | None) -> str:
+    if stat is None:
+        return ""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if stat.mean >= size:
+            scaled = Stat(stat.mean / size, None if stat.std is None else stat.std / size)
+            return f"{_pm(scaled)} {unit}"
+    return _pm(stat, digits=0) + " B"
+
+
+def _csv(rows: list[Row]) -> str:
+    metrics = ("acc_last", "acc_last5", "best_acc", "macro_f1", "bytes_per_round")
+    header = ["algorithm", "dataset", "partition", "variant", "seeds", "n_runs", "status",
+              "rounds_done", "n_rounds", "best_round"]
+    header += [f"{m}_{part}" for m in metrics for part in ("mean", "std")] + ["runs"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        values = [row.algorithm, row.dataset, row.partition, row.variant,
+                  " ".join(str(s) for s in row.seeds), len(row.paths), row.status, row.rounds_done,
+                  row.n_rounds, "" if row.best_round is None else row.best_round]
+        for metric in metrics:
+            stat = getattr(row, metric)
+            values += ["" if stat is None else repr(stat.mean),
+                       "" if stat is None or stat.std is None else repr(stat.std)]
+        writer.writerow(values + [";".join(str(p) for p in row.paths)])
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------------------- figures
+
+def plot_runs(runs: list[Run], out_dir: str | Path) -> list[Path]:
+    """Write PNG figures into out_dir and return their paths: per data set and partition, the mean
+    accuracy per round (band: ± std over seeds) and the final per-client accuracies (a box per
+    group, clients of all seeds pooled); per pfedmoap run, the expert-selection counts (N x N) and
+    the mean gating weight per expert rank over rounds."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or state is touched
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = [g for g in group_runs(runs) if g.runs[0].readable and g.runs[0].n_done > 0]
+    written: list[Path] = []
+
+    def save(fig, stem: str) -> None:
+        path = out_dir / f"{_slug(stem)}.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+
+    for (dataset, partition) in dict.fromkeys(g.label[1:] for g in groups):
+        members = [g for g in groups if g.label[1:] == (dataset, partition)]
+        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        ax = fig.add_subplot()
+        n_max = max(g.runs[0].n_done for g in members)
+        for group in members:
+            curves = 100 * np.stack([r.accuracy_curve() for r in group.runs])
+            mean = curves.mean(axis=0)
+            if len(mean) == 1:  # zeroshot: one evaluation, drawn across the whole axis
+                ax.axhline(mean[0], linestyle="--", color="gray", label=_legend(group))
+                continue
+            x = np.arange(1, len(mean) + 1)
+            (line,) = ax.plot(x, mean, marker="o", markersize=3, label=_legend(group))
+            if len(group.runs) > 1:
+                std = curves.std(axis=0, ddof=1)
+                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set(xlabel="round", ylabel="mean client accuracy (%)", xlim=(0.5, max(n_max, 1) + 0.5),
+               title=f"{dataset} / {partition}")
+        ax.legend(fontsize="small")
+        save(fig, f"accuracy_{dataset}_{partition}")
+
+        fig = Figure(figsize=(max(5, 1.2 * len(members) + 2), 4.5), layout="constrained")
+        ax = fig.add_subplot()
+        finals = [100 * np.concatenate([r.rounds["accuracy"][-1] for r in g.runs]) for g in members]
+        ax.boxplot([f[np.isfinite(f)] for f in finals])
+        ax.set_xticks(range(1, len(members) + 1), [_legend(g) for g in members],
+                      rotation=20, ha="right")
+        ax.set(ylabel="final accuracy per client (%)", title=f"{dataset} / {partition}")
+        save(fig, f"client_accuracy_{dataset}_{partition}")
+
+    stems: set[str] = set()
+    for run in (r for g in groups for r in g.runs if r.algorithm == "pfedmoap"):
+        base = stem = _slug(run.name)
+        copy = 1
+        while stem in stems:  # sweeps often repeat a leaf name (a/seed0, b/seed0)
+            copy += 1
+            stem = f"{base}-{copy}"
+        stems.add(stem)
+        if "experts" in run.rounds:
+            save(_expert_figure(Figure, run), f"experts_{stem}")
+        if "gate_weight" in run.rounds:
+            save(_gating_figure(Figure, run), f"gating_{stem}")
+    return written
+
+
+def expert_counts(run: Run) -> np.ndarray:
+    """(N, N) counts: [i, j] = rounds in which client j was one of client i's non-local experts."""
+    experts = run.rounds["experts"]
+    n = int(run.attrs["n_clients"])
+    counts = np.zeros((n, n), np.int64)
+    _, client, _ = np.nonzero(experts >= 0)
+    np.add.at(counts, (client, experts[experts >= 0]), 1)
+    return counts
+
+
+def mean_gate_weight(run: Run) -> np.ndarray:
+    """(R, K) mean over clients of the gating weight per expert rank, local first (NaN: none)."""
+    return _nanmean(run.rounds["gate_weight"], axis=1)
+
+
+def _expert_figure(Figure, run: Run):
+    counts = expert_counts(run)
+    n = len(counts)
+    fig = Figure(figsize=(5.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(counts, cmap="viridis")
+    fig.colorbar(image, ax=ax, label="rounds selected")
+    if n <= 32:
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+    if n <= 16:
+        for (i, j), value in np.ndenumerate(counts):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                    color="white" if value < counts.max() / 2 else "black")
+    ax.set(xlabel="expert client", ylabel="client", title=f"expert selection: {run.name}")
+    return fig
+
+
+def _gating_figure(Figure, run: Run):
+    weights = mean_gate_weight(run)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(1, len(weights) + 1)
+    for k in range(weights.shape[1]):
+        ax.plot(x, weights[:, k], marker="o", markersize=3,
+                label="local" if k == 0 else f"expert {k}", linewidth=2.5 if k == 0 else 1)
+    ax.set(xlabel="round", ylabel="mean gating weight", title=f"gating: {run.name}")
+    ax.legend(fontsize="small", ncols=2)
+    return fig
+
+
+def _legend(group: Group) -> str:
+    run = group.runs[0]
+    parts = [run.algorithm] + ([group.variant] if group.variant else [])
+    if run.status != "complete":
+        parts.append(f"(seed {run.seed}, {run.status})")
+    if len(group.runs) > 1:
+        parts.append(f"n={len(group.runs)}")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------- entry point
+
+def report_main(paths: list[str], fmt: str = "table", plot_dir: str | None = None) -> str:
+    """What `pfedmoap report RUN_DIR... [--format F] [--plot DIR]` prints. Any path that is not a
+    run raises PFedMoAPError before anything is written."""
+    _check_format(fmt)
+    if not paths:
+        raise PFedMoAPError("report: no run directory given; expected at least one")
+    runs = [load_run(p) for p in paths]
+    text = format_table(summarize(runs), fmt)
+    if plot_dir is not None:
+        figures = plot_runs(runs, plot_dir)
+        if fmt != "csv":  # CSV output stays machine-readable
+            text += f"\n{len(figures)} figure(s) written to {plot_dir}\n"
+    return text
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise PFedMoAPError(f"format: {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _parse_config(text) -> dict:
+    try:
+        return tomllib.loads(text) if isinstance(text, str) else {}
+    except tomllib.TOMLDecodeError:
+        return {"_unparsed": text}
+
+
+def _without_seed(config: dict) -> dict:
+    return {k: (_without_seed(v) if isinstance(v, dict) else v)
+            for k, v in config.items() if k not in SEED_KEYS}
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _name_variants(groups: list[Group]) -> None:
+    """For groups sharing algorithm, data set and partition, name the config keys that differ."""
+    by_label: dict[tuple, list[Group]] = {}
+    for group in groups:
+        by_label.setdefault(group.label, []).append(group)
+    for members in by_label.values():
+        flats = [_flatten(_without_seed(g.runs[0].config)) for g in members]
+        keys = sorted({key for flat in flats for key in flat
+                       if len({json.dumps(other.get(key), default=str) for other in flats}) > 1})
+        for group, flat in zip(members, flats):
+            group.variant = ", ".join(f"{k}={flat.get(k)}" for k in keys)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
+def _nanmean(values, axis=None):
+    with warnings.catch_warnings():  # an all-NaN slice (no expert, no test image) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis)
