@@ -154,10 +154,12 @@ class Federation:
             last = r == self.rounds - 1
             stop = self.comm.allreduce_max(int(_stop["requested"])) and not last
             every = self.cfg.run.checkpoint_every
-            if last or stop or (every and (r + 1) % every == 0):
-                self._checkpoint(run_dir, r + 1)
+            # results first: a crash between the two leaves a checkpoint older than the log, which
+            # resuming cuts back; never a log with rounds missing.
             if self.root:
                 self.results.write("complete" if last else ("stopped" if stop else None))
+            if last or stop or (every and (r + 1) % every == 0):
+                self._checkpoint(run_dir, r + 1)
             if stop:
                 outcome.status = "stopped"
                 break

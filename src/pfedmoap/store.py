@@ -73,7 +73,7 @@ class Results:
             r = f.create_group("rounds")
             for k, rows in self.rows.items():
                 if rows:
-                    r.create_dataset(k, data=np.stack(rows))
+                    r.create_dataset(k, data=np.stack(_pad_ranks(rows) if k == "phase_time" else rows))
             if "phase_time" in r:
                 r["phase_time"].attrs["phases"] = self.phases
         _atomic_write(self.path, fill)
@@ -88,6 +88,9 @@ class Results:
         res.partition = dict(data["partition"])
         res.phases = list(data["rounds"].pop("phases", []))
         res.rows = {k: list(data["rounds"].get(k, np.empty((0,))))[:n_rounds] for k in ROUND_FIELDS}
+        if len(res.rows["accuracy"]) < n_rounds:
+            raise PFedMoAPError(f"{res.path}: holds {len(res.rows['accuracy'])} rounds but the checkpoint "
+                                f"{n_rounds}; the run directory is inconsistent")
         res.attrs["rounds_done"] = n_rounds
         res.attrs["status"] = "running"
         return res
@@ -112,6 +115,12 @@ def results_file(path: str | Path) -> Path:
     if not path.exists():
         raise PFedMoAPError(f"{path}: no such file or directory; {_EXPECTED}")
     return path
+
+
+def _pad_ranks(rows: list[np.ndarray]) -> list[np.ndarray]:
+    """A resumed run may have another world size: per-rank timings are NaN-padded to the widest."""
+    w = max(x.shape[0] for x in rows)
+    return [np.pad(x, ((0, w - x.shape[0]), (0, 0)), constant_values=np.nan) for x in rows]
 
 
 def read_results(path: str | Path) -> dict:
