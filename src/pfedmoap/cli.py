@@ -59,12 +59,14 @@ def _configs(args) -> list:
 
 def _run(configs, comm, if_exists: str) -> int:
     from . import federation
+    from .data.partition import partition_summary
     say = print if comm.rank == 0 else (lambda *a, **k: None)
     outcomes = []
     for cfg in configs:
         say(f"# pfedmoap {cfg.algorithm} -> {cfg.out}  (world size {comm.size})")
         say(cfg.to_toml())
         fed = federation.Federation(cfg, comm, log=say)
+        say(_clip_lines(partition_summary(fed.partition, fed.dataset), 21))
         outcome = fed.run(cfg.out, if_exists)
         outcomes.append((cfg, outcome))
         if outcome.status == "stopped":
@@ -73,6 +75,11 @@ def _run(configs, comm, if_exists: str) -> int:
     if comm.rank == 0:
         print(_final_table(outcomes))
     return 0
+
+
+def _clip_lines(text: str, n: int) -> str:
+    lines = text.splitlines()
+    return "\n".join(lines[:n] + ([f"  ... {len(lines) - n} more clients"] if len(lines) > n else []))
 
 
 def _final_table(outcomes) -> str:

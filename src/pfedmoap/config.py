@@ -44,6 +44,7 @@ class DataConfig:
     n_train: int = 2000           # synthetic only
     n_test: int = 1000            # synthetic only
     cache_dir: str = "~/.cache/pfedmoap"   # image-feature cache; "" keeps features in memory only
+    augment_views: int = 0        # augmented views (random resized crop + flip) cached per training image
 
 
 @dataclass
@@ -245,6 +246,7 @@ def validate(cfg: Config) -> None:
     _need(d.beta > 0, f"data.beta = {d.beta}: expected > 0")
     _need(d.shots >= 0, f"data.shots = {d.shots}: expected >= 0")
     _need(d.min_size >= 0, f"data.min_size = {d.min_size}: expected >= 0")
+    _need(d.augment_views >= 0, f"data.augment_views = {d.augment_views}: expected >= 0 (0 = no augmentation)")
     _need(d.clients_per_domain >= 1, f"data.clients_per_domain = {d.clients_per_domain}: expected >= 1")
     _need(d.n_classes >= 2, f"data.n_classes = {d.n_classes}: expected >= 2")
     _need(d.n_train >= 1 and d.n_test >= 1, "data.n_train and data.n_test: expected >= 1")

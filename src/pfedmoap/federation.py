@@ -83,7 +83,9 @@ class Federation:
             tr, te = self.partition.train[c], self.partition.test[c]
             self.data[c] = algorithms.ClientData(
                 torch.from_numpy(feats["train"][tr]).to(dev), torch.from_numpy(self.dataset.train.labels[tr]).to(dev),
-                torch.from_numpy(feats["test"][te]).to(dev), torch.from_numpy(self.dataset.test.labels[te]).to(dev))
+                torch.from_numpy(feats["test"][te]).to(dev), torch.from_numpy(self.dataset.test.labels[te]).to(dev),
+                torch.from_numpy(np.stack([feats[f"view{v}"][tr] for v in range(d.augment_views)])).to(dev)
+                if d.augment_views else None)
         self.states = {c: self.algo.init_client(int(c)) for c in self.mine}
         self.global_prompt: np.ndarray | None = None
         # server state (rank 0)
@@ -93,24 +95,26 @@ class Federation:
 
     # ------------------------------------------------------------------ set-up
     def _image_features(self) -> dict[str, np.ndarray]:
-        """Frozen image features, computed once per image; cached in HDF5 when data.cache_dir is set."""
+        """Frozen image features, computed once per image (and augmented view); cached in HDF5 when
+        data.cache_dir is set, else computed by each rank for its own clients only."""
+        jobs = [("train", None), ("test", None)] + [("train", v) for v in range(self.cfg.data.augment_views)]
         out = {}
-        for split in ("train", "test"):
+        for split, view in jobs:
             images = getattr(self.dataset, split)
             if self.cfg.data.cache_dir:
-                path = feature_cache.cache_path(self.cfg.data.cache_dir,
-                                                feature_cache.cache_key(self.backbone, self.dataset, split))
+                key = feature_cache.cache_key(self.backbone, self.dataset, split, view)
+                path = feature_cache.cache_path(self.cfg.data.cache_dir, key)
                 if self.root and feature_cache.read(path, len(images), self.backbone.embed_dim) is None:
-                    feature_cache.write(path, feature_cache.compute(self.backbone, images))
+                    feature_cache.write(path, feature_cache.compute(self.backbone, images, view=view))
                 self.comm.barrier()
                 x = feature_cache.read(path, len(images), self.backbone.embed_dim)
-                if x is None:
-                    raise PFedMoAPError(f"data.cache_dir = {self.cfg.data.cache_dir!r}: the feature cache "
-                                        f"{path} is not readable from rank {self.comm.rank} (not a shared file system?)")
+                if x is None:   # only this rank: a traceback and an abort, not a hang
+                    raise RuntimeError(f"feature cache {path} is not readable from rank {self.comm.rank} "
+                                       f"(data.cache_dir on a file system the ranks do not share?)")
             else:
                 idx = np.concatenate([getattr(self.partition, split)[c] for c in self.mine] + [np.zeros(0, np.int64)])
-                x = feature_cache.compute(self.backbone, images, idx)
-            out[split] = x
+                x = feature_cache.compute(self.backbone, images, idx, view=view)
+            out[split if view is None else f"view{view}"] = x
         return out
 
     def _partition_arrays(self) -> dict:

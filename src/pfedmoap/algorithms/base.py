@@ -22,6 +22,7 @@ class ClientData:
     train_y: torch.Tensor   # (n,)
     test_x: torch.Tensor
     test_y: torch.Tensor
+    train_views: torch.Tensor | None = None   # (V, n, D) augmented views; a random one per image per epoch
 
 
 @dataclass
@@ -100,11 +101,15 @@ class Algorithm:
             for g in opt.param_groups:
                 g["lr"] = self.lr_at(epoch)
             perm = torch.randperm(n, generator=gen)
+            x_all = data.train_x
+            if data.train_views is not None:
+                view = torch.randint(len(data.train_views), (n,), generator=gen)
+                x_all = data.train_views[view, torch.arange(n)]
             for start in range(0, n - bs + 1, bs):        # drop the last partial batch, as CoOp does
                 idx = perm[start:start + bs]
                 feats = self.encoder(ctx).unsqueeze(0)
                 text = feats if experts is None or len(experts) == 0 else torch.cat([feats, experts])
-                logits, _ = self.logits(state, data.train_x[idx], text)
+                logits, _ = self.logits(state, x_all[idx], text)
                 loss = F.cross_entropy(logits, data.train_y[idx]) + self.penalty(ctx, global_prompt)
                 opt.zero_grad(set_to_none=True)
                 if state.gating_opt is not None:

@@ -13,31 +13,51 @@ import h5py
 import numpy as np
 import torch
 
+from .. import rng
 from ..errors import PFedMoAPError
 
 CHUNK = 256
 
 
-def cache_key(backbone, dataset, split_name: str) -> str:
+def train_transform(backbone):
+    """CoOp's training augmentation: random resized crop and horizontal flip, then CLIP's normalisation."""
+    from torchvision import transforms as T
+    size = backbone.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    normalize = next(t for t in backbone.preprocess.transforms if isinstance(t, T.Normalize))
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(), normalize])
+
+
+def cache_key(backbone, dataset, split_name: str, view: int | None = None) -> str:
     split = getattr(dataset, split_name)
     h = hashlib.sha256()
     for part in (backbone.name, backbone.pretrained, str(backbone.preprocess), dataset.name, split_name,
-                 backbone.precision, *split.keys):
+                 backbone.precision, f"view={view}", *split.keys):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:20]
 
 
-def compute(backbone, split, indices: np.ndarray | None = None) -> np.ndarray:
-    """Features (len(split), D) float32; rows outside `indices` (when given) are left at zero."""
+def compute(backbone, split, indices: np.ndarray | None = None, view: int | None = None) -> np.ndarray:
+    """Features (len(split), D) float32; rows outside `indices` (when given) are left at zero.
+
+    `view` None: CLIP's eval preprocessing. `view` v: augmented view v, whose random crop and flip
+    are keyed by (v, image index) alone, so every run and every rank sees the same view v."""
     n = len(split)
     feats = np.zeros((n, backbone.embed_dim), np.float32)
     need = np.ones(n, bool) if indices is None else np.isin(np.arange(n), indices)
+    transform = backbone.preprocess if view is None else train_transform(backbone)
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)
         if not need[start:stop].any():
             continue
-        batch = torch.stack([backbone.preprocess(split.load(i)) for i in range(start, stop)])
-        feats[start:stop] = backbone.encode_images(batch).numpy()
+        images = []
+        with torch.random.fork_rng(devices=[]):
+            for i in range(start, stop):
+                if view is not None:
+                    torch.manual_seed(rng.key(0, "augment", view, i))
+                images.append(transform(split.load(i)))
+        feats[start:stop] = backbone.encode_images(torch.stack(images)).numpy()
     return feats
 
 
