@@ -46,6 +46,7 @@ class Outcome:
     run_dir: Path
     status: str                                  # complete | stopped
     mean_accuracy: list[float] = field(default_factory=list)
+    domain_accuracy: dict[str, float] = field(default_factory=dict)   # last round, pooled over clients
 
 
 class Federation:
@@ -130,7 +131,10 @@ class Federation:
             test_counts[c] = np.bincount(self.dataset.test.labels[te], minlength=C)
         return {"train_client": tr_owner, "test_client": te_owner, "class_counts": counts,
                 "test_class_counts": test_counts, "n_train": self.n_train.astype(np.int32),
-                "classnames": self.dataset.classnames}
+                "test_domain_counts": np.stack([np.bincount(self.dataset.test.domains[self.partition.test[c]],
+                                                            minlength=len(self.dataset.domain_names))
+                                                for c in range(self.N)]).astype(np.int32),
+                "classnames": self.dataset.classnames, "domain_names": self.dataset.domain_names}
 
     def _agree(self, error: str | None) -> None:
         """Rank 0 decided whether the run can go on; every rank learns it and exits 2 together."""
@@ -170,6 +174,10 @@ class Federation:
         if self.root:
             acc = self.results.rows["accuracy"]
             outcome.mean_accuracy = [float(np.nanmean(a)) for a in acc]
+            counts = self.results.partition["test_domain_counts"]
+            hits = np.nansum(self.results.rows["domain_accuracy"][-1] * counts, axis=0)
+            outcome.domain_accuracy = {name: float(hits[j] / counts[:, j].sum())
+                                       for j, name in enumerate(self.dataset.domain_names) if counts[:, j].sum()}
         return outcome
 
     def _open_run_dir(self, run_dir: Path, if_exists: str):
@@ -266,8 +274,9 @@ class Federation:
 
         # 6. every hosted client is evaluated on its own test split
         t = time.perf_counter()
-        K = E + 1
-        metrics = np.full((len(self.mine), 3 + K), np.nan, np.float32)
+        K, n_dom = E + 1, len(self.dataset.domain_names)
+        width = 3 + K + n_dom
+        metrics = np.full((len(self.mine), width), np.nan, np.float32)
         for i, c in enumerate(self.mine):
             own = self.algo.text_features(self.states[c], gp).unsqueeze(0)
             text = torch.cat([own, expert_feats[i]]) if expert_feats[i] is not None and len(expert_feats[i]) else own
@@ -275,26 +284,36 @@ class Federation:
             metrics[i, :3] = res.accuracy, res.macro_f1, res.loss
             if res.gate_weight is not None:
                 metrics[i, 3:3 + len(res.gate_weight)] = res.gate_weight
+            metrics[i, 3 + K:] = self._domain_accuracy(c, res.correct, n_dom)
         phase["eval"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        metrics = self.comm.gatherv(metrics, [int(n) * (3 + K) for n in self.counts_hosted])
+        metrics = self.comm.gatherv(metrics, [int(n) * width for n in self.counts_hosted])
         phase["comm"] += time.perf_counter() - t
         phase_row = np.array([phase[p] for p in PHASES], np.float32)
         phases = self.comm.gatherv(phase_row, [len(PHASES)] * self.comm.size)
         if self.root:
             t = time.perf_counter()
-            metrics = metrics.reshape(N, 3 + K)
+            metrics = metrics.reshape(N, width)
             self.results.append({
                 "accuracy": metrics[:, 0], "macro_f1": metrics[:, 1], "loss": metrics[:, 2],
                 "participated": is_part, "experts": self._all_expert_ids if E else np.zeros((N, 0), np.int32),
-                "gate_weight": metrics[:, 3:] if E else np.ones((N, 1), np.float32),
+                "gate_weight": metrics[:, 3:3 + K] if E else np.ones((N, 1), np.float32),
+                "domain_accuracy": metrics[:, 3 + K:],
                 "bytes_up": bytes_up, "bytes_down": bytes_down,
                 "phase_time": phases.reshape(self.comm.size, len(PHASES)),
                 "wall_time": time.perf_counter() - t_round})
             self.log(f"round {r + 1}/{self.rounds}  mean accuracy {np.nanmean(metrics[:, 0]):.4f}  "
                      f"participants {len(participants)}/{N}  {time.perf_counter() - t_round:.1f}s")
             self.results.rows["phase_time"][-1][0, PHASES.index("write")] += time.perf_counter() - t
+
+    def _domain_accuracy(self, c: int, correct: np.ndarray, n_dom: int) -> np.ndarray:
+        """Accuracy of client c on each domain of its test split (NaN where it has none)."""
+        dom = self.dataset.test.domains[self.partition.test[c]]
+        hits = np.bincount(dom, weights=correct, minlength=n_dom)
+        counts = np.bincount(dom, minlength=n_dom)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counts > 0, hits / counts, np.nan)
 
     def _scatter_expert_ids(self, r: int) -> np.ndarray:
         E = self.n_experts

@@ -21,6 +21,7 @@ RESULTS, CHECKPOINT = "results.h5", "checkpoint.h5"
 # per round x client arrays and their fill values
 ROUND_FIELDS = {"accuracy": np.float32, "macro_f1": np.float32, "loss": np.float32,
                 "participated": np.bool_, "experts": np.int32, "gate_weight": np.float32,
+                "domain_accuracy": np.float32,
                 "bytes_up": np.int64, "bytes_down": np.int64, "phase_time": np.float32,
                 "wall_time": np.float32}
 
@@ -66,8 +67,8 @@ class Results:
                 f.attrs[k] = v
             g = f.create_group("partition")
             for k, v in self.partition.items():
-                if k == "classnames":
-                    g.attrs["classnames"] = list(v)
+                if k in ("classnames", "domain_names"):
+                    g.attrs[k] = list(v)
                 else:
                     g.create_dataset(k, data=v)
             r = f.create_group("rounds")
@@ -144,6 +145,8 @@ def read_results(path: str | Path) -> dict:
                 raise PFedMoAPError(f"{file}: missing root attribute(s) {', '.join(missing)}; "
                                     f"{_EXPECTED}")
             partition = _read_group(h5, "partition", "classnames")
+            if "partition" in h5:
+                partition["domain_names"] = _plain(h5["partition"].attrs.get("domain_names", []))
             rounds = _read_group(h5, "rounds", None)
             if "phase_time" in rounds:
                 rounds["phases"] = _plain(h5["rounds/phase_time"].attrs.get("phases", []))

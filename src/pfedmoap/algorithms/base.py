@@ -39,6 +39,7 @@ class EvalResult:
     macro_f1: float
     loss: float
     gate_weight: np.ndarray | None = None   # (K,) mean gating weight per expert, local first
+    correct: np.ndarray | None = None       # (n_test,) bool: each test image classified right
 
 
 def macro_f1(pred: np.ndarray, true: np.ndarray) -> float:
@@ -146,11 +147,12 @@ class Algorithm:
             state.gating.train()
         n = len(data.test_y)
         if n == 0:
-            return EvalResult(float("nan"), float("nan"), float("nan"))
+            return EvalResult(float("nan"), float("nan"), float("nan"), correct=np.zeros(0, bool))
         pred = torch.cat(preds).numpy()
         true = data.test_y.numpy()
         gw = (torch.stack(weights).sum(0) / n).numpy() if weights else None
-        return EvalResult(float((pred == true).mean()), macro_f1(pred, true), float(sum(losses)) / n, gw)
+        return EvalResult(float((pred == true).mean()), macro_f1(pred, true), float(sum(losses)) / n, gw,
+                          pred == true)
 
     # ------------------------------------------------------------------ server side
     @staticmethod
