@@ -148,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("run", "resume", "info"):
             comm = comm_mod.world()
         if args.command == "run":
+            configs = _configs(args)      # validated before the heavy imports: bad input fails fast
             from . import federation
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, federation.request_stop)
-            return _run(_configs(args), comm, args.if_exists)
+            return _run(configs, comm, args.if_exists)
         if args.command == "resume":
             from . import federation
             for sig in (signal.SIGTERM, signal.SIGUSR1):

@@ -92,6 +92,8 @@ class Algorithm:
             global_prompt: torch.Tensor | None, experts: torch.Tensor | None) -> float:
         """Local training; `experts` (E, C, D) are frozen expert text features. Returns mean loss."""
         t = self.cfg.train
+        if len(data.train_y) == 0:       # a client with no training images keeps its state
+            return float("nan")
         ctx = state.ctx.clone().requires_grad_(True)
         opt = torch.optim.SGD([ctx], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         gen = rng.torch_generator(self.cfg.seed, "batches", round_, cid)

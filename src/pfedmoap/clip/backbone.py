@@ -40,6 +40,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _create_bare(open_clip, model_name: str):
+    """The architecture with random weights; open_clip's warning that no weights were loaded is
+    muted because weights, if any, are loaded next."""
+    logging.getLogger().disabled = True
+    try:
+        return open_clip.create_model(model_name, pretrained=None)
+    finally:
+        logging.getLogger().disabled = False
+
+
 class Backbone:
     """A frozen open_clip model in eval mode, with its tokenizer and eval preprocessing."""
 
@@ -78,20 +88,16 @@ class Backbone:
     @staticmethod
     def _create(open_clip, model_name: str, pretrained: str):
         if not pretrained:
-            logging.getLogger().disabled = True    # open_clip warns that no weights were loaded: intended
-            try:
-                return open_clip.create_model(model_name, pretrained=None)
-            finally:
-                logging.getLogger().disabled = False
+            return _create_bare(open_clip, model_name)
         if pretrained == "digits":
             from .micro import load_shipped_weights, MODEL_NAME
             if model_name != MODEL_NAME:
                 raise PFedMoAPError(f"model.pretrained = 'digits': only exists for model.name = {MODEL_NAME!r}")
-            model = open_clip.create_model(model_name, pretrained=None)
+            model = _create_bare(open_clip, model_name)
             load_shipped_weights(model)
             return model
         if Path(pretrained).expanduser().is_file():
-            model = open_clip.create_model(model_name, pretrained=None)
+            model = _create_bare(open_clip, model_name)
             try:
                 open_clip.load_checkpoint(model, str(Path(pretrained).expanduser()))
             except Exception as e:  # noqa: BLE001 - a foreign file: say which and why, in one line

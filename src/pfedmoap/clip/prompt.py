@@ -58,7 +58,7 @@ class PromptEncoder:
         texts = [" ".join(["X"] * n_ctx) + " " + name.replace("_", " ") + "." for name in classnames]
         tokens = backbone.tokenizer(texts).to(dev)
         self.eos = tokens.argmax(dim=-1)                  # EOT has the highest id in open_clip's vocabulary
-        if int(self.eos.max()) >= tokens.shape[1] - 1 and tokens[0, -1] != 0:
+        if (tokens[:, -1] != 0).any():    # the tokenizer cut a prompt short (EOT forced into the last slot)
             raise PFedMoAPError(f"prompt.n_ctx = {n_ctx}: prompts do not fit the text context length "
                                 f"{tokens.shape[1]}")
         length = int(self.eos.max()) + 1 if truncate else tokens.shape[1]

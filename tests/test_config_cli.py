@@ -1,0 +1,224 @@
+"""Config: defaults, TOML + `--set` layering and coercion; every bad input through the real CLI.
+
+Every bad input goes through `pfedmoap.cli.main` (the console script's entry point) in process, and
+a few (a config key, a TOML file, a model, a weights file) also through a real subprocess (`python -m pfedmoap.cli`), two at a time in the background: each
+costs an interpreter plus a torch import (~2-5 s; `pfedmoap run` imports the federation, hence
+torch, before it validates the config).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from pfedmoap import cli, config
+from pfedmoap.comm import _LAUNCHER_VARS
+from pfedmoap.errors import PFedMoAPError
+
+
+# ------------------------------------------------------------------ config in process
+
+def test_defaults_validate():
+    cfg = config.Config()
+    config.validate(cfg)
+    loaded = config.load(None, [])
+    assert loaded == cfg
+    assert loaded.moe.n_experts == 10 and loaded.moe.router == "knn" and loaded.moe.lam == 0.5
+    assert loaded.prompt.n_ctx == 16 and loaded.train.lr == 0.002 and loaded.moe.gating_dim == 128
+    quick = config.load(None, [], base=config.QUICKSTART)
+    assert quick.rounds == config.QUICKSTART["rounds"] and quick.train.local_epochs == 2
+
+
+def test_toml_then_overrides_with_coercion(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('seed = 5\nrounds = 3\nalgorithm = "fedprox"\n'
+                 '[train]\nfrac = 0.5\nlr = 1\n'          # an int in TOML for a float field
+                 '[data]\ndomains = ["clipart", "real"]\nbeta = 0.1\n'
+                 '[run]\nprogress = false\n')
+    cfg = config.load(str(f), ["rounds=7", "train.batch_size=4", "moe.lam=0.25", "run.progress=yes",
+                               "run.shared_prefix=0", "data.domains=sketch, painting ,", "model.pretrained=",
+                               "prompt.init=a photo of a"],
+                      base={"rounds": 100, "data": {"n_clients": 4}})
+    # TOML over base and defaults, --set over TOML
+    assert cfg.seed == 5 and cfg.algorithm == "fedprox" and cfg.data.n_clients == 4
+    assert cfg.rounds == 7 and type(cfg.rounds) is int
+    assert cfg.train.batch_size == 4 and type(cfg.train.batch_size) is int
+    assert cfg.train.frac == 0.5 and cfg.train.lr == 1.0 and type(cfg.train.lr) is float
+    assert cfg.moe.lam == 0.25 and type(cfg.moe.lam) is float
+    assert cfg.run.progress is True and cfg.run.shared_prefix is False
+    assert cfg.data.domains == ["sketch", "painting"] and cfg.data.beta == 0.1
+    assert cfg.model.pretrained == "" and cfg.prompt.init == "a photo of a"
+    # untouched keys keep their defaults
+    assert cfg.train.momentum == 0.9 and cfg.moe.router == "knn"
+
+
+def test_toml_round_trip_and_hash(tmp_path):
+    cfg = config.load(None, ["rounds=4", "data.domains=a,b", "moe.router=fixed", "out=somewhere"])
+    again = config.from_toml(cfg.to_toml())
+    assert again == cfg
+    other_out = config.load(None, ["rounds=4", "data.domains=a,b", "moe.router=fixed", "out=elsewhere"])
+    assert other_out.hash() == cfg.hash()
+    assert config.load(None, ["rounds=5", "data.domains=a,b", "moe.router=fixed"]).hash() != cfg.hash()
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["run.progress=maybe"], "run.progress"),
+    (["data.n_clients=1.5"], "data.n_clients"),
+    (["train.lr=fast"], "train.lr"),
+    (["model=3"], "model"),
+    (["rounds.x=1"], "rounds"),
+    (["rounds"], "rounds"),
+    (["seed.=1"], "seed."),
+    (["prompt.template=a photo"], "prompt.template"),
+    (["moe.gating_heads=3"], "moe.gating_heads"),
+    (["dp.noise_multiplier=1"], "dp.noise_multiplier"),
+    (["rounds=0"], "rounds"),
+    (["model.device=tpu"], "model.device"),
+])
+def test_bad_overrides_raise_naming_the_key(sets, key):
+    with pytest.raises(PFedMoAPError, match=key.replace(".", r"\.")) as e:
+        config.load(None, sets)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("rounds = 2.5\n", "rounds"),
+    ("[run]\nprogress = 1\n", "run.progress"),
+    ("[data]\ndomains = [1, 2]\n", "data.domains"),
+    ('algorithm = ["pfedmoap"]\n', "algorithm"),
+    ("[train]\nnope = 1\n", "train.nope"),
+    ('model = "ViT-B-16"\n', "model"),
+])
+def test_bad_toml_values_raise_naming_the_key(tmp_path, text, key):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(PFedMoAPError, match=key.replace(".", r"\.")):
+        config.load(str(f))
+
+
+# ------------------------------------------------------------------ the real CLI
+
+SMALL_DATA = ["--set", "data.dataset=synthetic", "--set", "data.n_train=40", "--set", "data.n_test=20",
+              "--set", "data.n_clients=2", "--set", "data.n_classes=4", "--set", "data.cache_dir=",
+              "--set", "algorithm=zeroshot"]
+# id -> (argv after `pfedmoap`, text the message must contain); {tmp} is a per-module directory
+CASES = {
+    "unknown-key": (["run", "--set", "nope=1"], "nope: unknown key"),
+    "unknown-nested-key": (["run", "--set", "train.nope=1"], "train.nope: unknown key"),
+    "wrong-type": (["run", "--set", "rounds=abc"], "rounds = 'abc'"),
+    "no-equals": (["run", "--set", "rounds"], "rounds"),
+    "n-clients": (["run", "--set", "data.n_clients=0"], "data.n_clients = 0"),
+    "n-experts": (["run", "--set", "moe.n_experts=0"], "moe.n_experts = 0"),
+    "frac-zero": (["run", "--set", "train.frac=0"], "train.frac = 0"),
+    "frac-above-one": (["run", "--set", "train.frac=1.5"], "train.frac = 1.5"),
+    "missing-config": (["run", "{tmp}/missing.toml"], "missing.toml"),
+    "invalid-toml": (["run", "{tmp}/bad.toml"], "bad.toml"),
+    "toml-unknown-key": (["run", "{tmp}/unknown.toml"], "train.nope"),
+    "missing-root": (["run", "--set", "data.root={tmp}/no-such-dir"], "data.root"),
+    "unknown-algorithm": (["run", "--set", "algorithm=fedsgd"], "algorithm = 'fedsgd'"),
+    "unknown-partition": (["run", "--set", "data.partition=random"], "data.partition = 'random'"),
+    "unknown-router": (["run", "--set", "moe.router=nearest"], "moe.router = 'nearest'"),
+    "unknown-dataset": (["run", "--set", "data.dataset=imagenet-x", "--set", "algorithm=zeroshot"],
+                        "data.dataset = 'imagenet-x'"),
+    "unknown-model": (["run", *SMALL_DATA, "--set", "model.name=ViT-Q-99"], "model.name = 'ViT-Q-99'"),
+    "missing-model-json": (["run", *SMALL_DATA, "--set", "model.name={tmp}/nomodel.json"], "model.name"),
+    "unknown-pretrained-tag": (["run", *SMALL_DATA, "--set", "model.name=tiny-clip",
+                                "--set", "model.pretrained=laion9b"], "model.pretrained = 'laion9b'"),
+    "missing-pretrained-file": (["run", *SMALL_DATA, "--set", "model.name=tiny-clip",
+                                 "--set", "model.pretrained={tmp}/no-such.pt"], "model.pretrained"),
+    "digits-tag-wrong-model": (["run", *SMALL_DATA, "--set", "model.name=tiny-clip",
+                                "--set", "model.pretrained=digits"], "model.pretrained = 'digits'"),
+    "garbage-pretrained-file": (["run", *SMALL_DATA, "--set", "model.name=tiny-clip",
+                                 "--set", "model.pretrained={tmp}/garbage.pt"], "model.pretrained"),
+}
+# one of each kind, also as a real process
+SUBPROCESS = ("unknown-nested-key", "invalid-toml", "unknown-model", "garbage-pretrained-file")
+
+
+def _files(tmp: Path) -> None:
+    (tmp / "bad.toml").write_text("rounds = [\n")
+    (tmp / "unknown.toml").write_text("rounds = 2\n[train]\nnope = 1\n")
+    (tmp / "garbage.pt").write_bytes(b"this is not a checkpoint\n")
+
+
+def _argv(name: str, tmp: Path) -> list[str]:
+    return [a.replace("{tmp}", str(tmp)) for a in CASES[name][0]] + ["--out", str(tmp / "out" / name)]
+
+
+def _check_error(name: str, tmp: Path, rc: int, stderr: str) -> None:
+    expect = CASES[name][1].replace("{tmp}", str(tmp))
+    assert "Traceback" not in stderr, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), stderr
+    assert expect in lines[0], lines[0]
+    assert rc == 2, (rc, stderr)
+    assert not (tmp / "out" / name / "results.h5").exists()      # nothing ran, nothing was written
+
+
+@pytest.fixture
+def keep_signals():
+    """cli.main installs SIGTERM/SIGUSR1 handlers; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cli_main_bad_input_one_error_line_exit_2(name, tmp_path, capsys, keep_signals, monkeypatch):
+    for var in _LAUNCHER_VARS + ("PFEDMOAP_MPI",):
+        monkeypatch.delenv(var, raising=False)
+    _files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(_argv(name, tmp_path))
+    _check_error(name, tmp_path, rc, capsys.readouterr().err)
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and k != "PFEDMOAP_MPI"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _cli(argv, cwd):
+    return subprocess.run([sys.executable, "-m", "pfedmoap.cli", *argv], capture_output=True, text=True,
+                          timeout=120, env=_env(), cwd=cwd)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cli_runs(tmp_path_factory):
+    """Every subprocess case started with the module's first test, two at a time, so they overlap
+    with the in-process tests; each test waits only for its own."""
+    tmp = tmp_path_factory.mktemp("cli")
+    _files(tmp)
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {"info": pool.submit(_cli, ["info"], tmp)}
+    for name in SUBPROCESS:
+        futures[name] = pool.submit(_cli, _argv(name, tmp), tmp)
+    yield tmp, futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("name", SUBPROCESS)
+def test_cli_process_bad_input_one_error_line_exit_2(cli_runs, name):
+    tmp, futures = cli_runs
+    p = futures[name].result()
+    _check_error(name, tmp, p.returncode, p.stderr)
+
+
+def test_cli_info(cli_runs):
+    import open_clip
+    import torch
+    p = cli_runs[1]["info"].result()
+    assert p.returncode == 0, p.stderr
+    assert f"torch {torch.__version__}" in p.stdout
+    assert f"open_clip {open_clip.__version__}" in p.stdout
+    assert "world size 1" in p.stdout.splitlines()
+    assert p.stderr == ""
