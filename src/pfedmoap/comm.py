@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -34,7 +35,7 @@ class LocalComm:
         return recv
 
     def gatherv(self, send: np.ndarray, counts: list[int]) -> np.ndarray:
-        return np.array(send, copy=True).reshape(-1)
+        return np.ascontiguousarray(send).reshape(-1)
 
     def allreduce_max(self, x: int) -> int:
         return x
@@ -60,8 +61,21 @@ class MPIComm:
         return {np.dtype(np.float32): self.MPI.FLOAT, np.dtype(np.int32): self.MPI.INT,
                 np.dtype(np.int64): self.MPI.INT64_T, np.dtype(np.float64): self.MPI.DOUBLE}[arr.dtype]
 
+    def _arrive(self) -> None:
+        """Wait, sleeping, until every rank reaches the next collective.
+
+        MPI libraries busy-poll inside blocking collectives: a server waiting a whole round for its
+        clients would burn a core they need. A non-blocking barrier polled with short sleeps costs
+        well under a millisecond per exchange and gives that core back."""
+        req = self.comm.Ibarrier()
+        nap = 5e-5
+        while not req.Test():
+            time.sleep(nap)
+            nap = min(nap * 2, 2e-3)
+
     def bcast(self, buf: np.ndarray) -> np.ndarray:
         buf = np.ascontiguousarray(buf)
+        self._arrive()
         self.comm.Bcast([buf, self._type(buf)], root=0)
         return buf
 
@@ -70,6 +84,7 @@ class MPIComm:
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
         sendspec = [np.ascontiguousarray(send).reshape(-1), (list(counts), list(displs)),
                     self._type(recv)] if self.rank == 0 else None
+        self._arrive()
         self.comm.Scatterv(sendspec, [recv.reshape(-1), self._type(recv)], root=0)
         return recv
 
@@ -83,17 +98,19 @@ class MPIComm:
             recvspec = [recv, (list(counts), list(displs)), self._type(send)]
         else:
             recvspec = None
+        self._arrive()
         self.comm.Gatherv([send, self._type(send)], recvspec, root=0)
         return recv
 
     def allreduce_max(self, x: int) -> int:
         buf = np.array([x], np.int64)
         out = np.empty_like(buf)
+        self._arrive()
         self.comm.Allreduce([buf, self.MPI.INT64_T], [out, self.MPI.INT64_T], op=self.MPI.MAX)
         return int(out[0])
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        self._arrive()
 
     def abort(self, code: int) -> None:
         sys.stdout.flush()

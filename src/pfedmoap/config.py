@@ -92,7 +92,7 @@ class DPConfig:
 @dataclass
 class RunConfig:
     threads: int = 0              # torch threads per rank; 0 = 1 with several ranks, else all cores
-    checkpoint_every: int = 1
+    checkpoint_every: int = 5      # rounds between checkpoints; also at the end and on a signal
     progress: bool = True
     truncate_eos: bool = True     # exact fast path: cut the text sequence after the last EOS
     shared_prefix: bool = True    # exact fast path: encode [SOS]+ctx once for every class

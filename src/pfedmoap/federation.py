@@ -23,7 +23,7 @@ from .data.datasets import load_dataset
 from .data.partition import make_partition
 from .errors import PFedMoAPError
 
-PHASES = ("comm", "train", "eval", "write")
+PHASES = ("comm", "experts", "train", "eval", "write")
 EXIT_STOPPED = 75          # checkpointed on a signal: the job script requeues and resumes
 _stop = {"requested": False}
 
@@ -88,6 +88,7 @@ class Federation:
                 torch.from_numpy(np.stack([feats[f"view{v}"][tr] for v in range(d.augment_views)])).to(dev)
                 if d.augment_views else None)
         self.states = {c: self.algo.init_client(int(c)) for c in self.mine}
+        self._own_text: dict[int, torch.Tensor] = {}   # evaluation text features of unchanged prompts
         self.global_prompt: np.ndarray | None = None
         # server state (rank 0)
         self.pool = np.zeros((self.N, self.P), np.float32) if self.root else None
@@ -164,10 +165,18 @@ class Federation:
             every = self.cfg.run.checkpoint_every
             # results first: a crash between the two leaves a checkpoint older than the log, which
             # resuming cuts back; never a log with rounds missing.
+            status = "complete" if last else ("stopped" if stop else None)
+            t = time.perf_counter()
             if self.root:
-                self.results.write("complete" if last else ("stopped" if stop else None))
+                self.results.write(status)
             if last or stop or (every and (r + 1) % every == 0):
                 self._checkpoint(run_dir, r + 1)
+            if self.root:      # rank 0's writing time belongs to the round just written
+                dt = time.perf_counter() - t
+                self.results.rows["phase_time"][-1][0, PHASES.index("write")] += dt
+                self.results.rows["wall_time"][-1] += dt
+                if status:     # the final file carries the final timings too
+                    self.results.write(status)
             if stop:
                 outcome.status = "stopped"
                 break
@@ -240,7 +249,9 @@ class Federation:
 
         # 4. clients: train the participants, upload their prompts
         gp = None if self.global_prompt is None else torch.from_numpy(self.global_prompt).reshape(self.ctx_shape)
+        t = time.perf_counter()
         expert_feats = self._expert_features(expert_ids, expert_rows)
+        phase["experts"] += time.perf_counter() - t
         t = time.perf_counter()
         uploads = []
         for i, c in enumerate(self.mine):
@@ -249,6 +260,7 @@ class Federation:
             state = self.states[c]
             self.algo.start_round(state, gp)
             self.algo.fit(state, self.data[c], r, int(c), gp, expert_feats[i])
+            self._own_text.pop(c, None)           # its prompt changed
             if self.algo.shares_prompt:
                 up = dp.privatize(state.ctx.reshape(-1).cpu().numpy(), self.cfg.dp.clip,
                                   self.cfg.dp.noise_multiplier, rng.numpy_rng(self.cfg.seed, "dp", r, int(c)))
@@ -277,8 +289,15 @@ class Federation:
         K, n_dom = E + 1, len(self.dataset.domain_names)
         width = 3 + K + n_dom
         metrics = np.full((len(self.mine), width), np.nan, np.float32)
+        global_text = None
         for i, c in enumerate(self.mine):
-            own = self.algo.text_features(self.states[c], gp).unsqueeze(0)
+            if self.algo.eval_with_global and gp is not None:     # the same prompt for every client
+                global_text = self.algo.text_features(self.states[c], gp) if global_text is None else global_text
+                own = global_text.unsqueeze(0)
+            else:      # a client that did not train keeps its prompt, hence its text features
+                if c not in self._own_text:
+                    self._own_text[c] = self.algo.text_features(self.states[c], gp)
+                own = self._own_text[c].unsqueeze(0)
             text = torch.cat([own, expert_feats[i]]) if expert_feats[i] is not None and len(expert_feats[i]) else own
             res = self.algo.evaluate(self.states[c], self.data[c], text)
             metrics[i, :3] = res.accuracy, res.macro_f1, res.loss
@@ -377,6 +396,7 @@ class Federation:
                            [int(n) * S for n in self.counts_hosted], recv)
         for i, c in enumerate(self.mine):
             self.algo.load_state_vector(self.states[c], recv[i])
+        self._own_text.clear()
         has_global = self.comm.bcast(np.array([len(ckpt["global_prompt"]) if self.root else 0], np.int64))[0]
         if has_global:
             self.global_prompt = self.comm.bcast(ckpt["global_prompt"] if self.root else np.empty(P, np.float32))

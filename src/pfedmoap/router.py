@@ -21,14 +21,17 @@ def route(method: str, pool: np.ndarray, in_pool: np.ndarray, queries: np.ndarra
         return out
     if method == "knn":
         cand = np.flatnonzero(in_pool)
-        q = queries.astype(np.float64)
-        p = pool[cand].astype(np.float64)
-        # One batched distance matrix for all clients.
-        d = (q * q).sum(1)[:, None] + (p * p).sum(1)[None, :] - 2 * q @ p.T
+        q = queries.astype(np.float32)
+        p = pool[cand].astype(np.float32)
+        # One batched distance matrix for all clients (float32 BLAS), then only the n nearest sorted.
+        d = (q * q).sum(1, dtype=np.float64)[:, None] + (p * p).sum(1, dtype=np.float64)[None, :] \
+            - 2 * (q @ p.T).astype(np.float64)
         d[cand[None, :] == clients[:, None]] = np.inf
-        order = np.argsort(d, axis=1, kind="stable")
-        for i, c in enumerate(clients):
-            chosen = cand[order[i]][np.isfinite(d[i, order[i]])][:n]
+        k = min(n, len(cand))
+        near = np.argpartition(d, k - 1, axis=1)[:, :k] if k < len(cand) else np.tile(np.arange(len(cand)), (len(clients), 1))
+        for i in range(len(clients)):
+            order = near[i][np.lexsort((cand[near[i]], d[i, near[i]]))]     # by distance, then id
+            chosen = cand[order][np.isfinite(d[i, order])]
             out[i, :len(chosen)] = chosen
     elif method == "random":
         for i, c in enumerate(clients):

@@ -66,7 +66,9 @@ class Algorithm:
     # ------------------------------------------------------------------ client side
     def init_client(self, cid: int) -> ClientState:
         from ..clip.prompt import init_context
-        gen = rng.torch_generator(self.cfg.seed, "ctx-init", 0, cid)
+        # One initial prompt for every client, as a server would broadcast it: a client's prompt
+        # differs from another's only by what it learned.
+        gen = rng.torch_generator(self.cfg.seed, "ctx-init")
         return ClientState(ctx=init_context(self.backbone, self.cfg.prompt.n_ctx, self.cfg.prompt.init, gen))
 
     def start_round(self, state: ClientState, global_prompt: torch.Tensor | None) -> None:

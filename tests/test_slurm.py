@@ -1,0 +1,268 @@
+"""The SLURM job scripts on a real (private, single-node) SLURM: a plain run, and a run that is
+signalled mid-way, requeues itself, resumes from its checkpoint and ends with the same results.
+
+Brings SLURM up with tools/slurm_local.sh (needs root and apt-get, or slurm-wlm installed) and tears
+it down afterwards unless it was already running.  Skipped with the reason when SLURM cannot be
+installed or started; set PFEDMOAP_REQUIRE_SLURM=1 to make that a failure instead.
+Deselect with `-m "not slurm"`.
+
+Knobs: PFEDMOAP_SLURM_TEST_CMD (the program the job scripts run; default: this venv's pfedmoap),
+PFEDMOAP_SLURM_TEST_SETS (overrides; default "rounds=4 algorithm=pfedmoap train.local_epochs=1
+seed=0").  Takes about 1.5 minutes plus twice the quick-start's run time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_LOCAL = REPO / "tools" / "slurm_local.sh"
+CPU_JOB = REPO / "jobs" / "cpu.sbatch"
+VENV = Path(sys.prefix)
+BIN = Path(sys.executable).parent
+SETS = os.environ.get(
+    "PFEDMOAP_SLURM_TEST_SETS", "rounds=4 algorithm=pfedmoap train.local_epochs=1 seed=0"
+)
+ROUNDS = int(dict(kv.split("=", 1) for kv in SETS.split())["rounds"])
+NTASKS = 2
+JOB_TIMEOUT = 900  # seconds for one job, requeue included
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REQUEUE_HOLD", "SPECIAL_EXIT"}
+
+
+def _unavailable(reason: str):
+    if os.environ.get("PFEDMOAP_REQUIRE_SLURM") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@lru_cache(maxsize=None)
+def _program() -> str:
+    cmd = os.environ.get("PFEDMOAP_SLURM_TEST_CMD")
+    if cmd:
+        return cmd
+    exe = BIN / "pfedmoap"
+    if not exe.exists():
+        pytest.skip(f"no pfedmoap executable beside {sys.executable}")
+    probe = subprocess.run([str(exe), "run", "--help"], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"`pfedmoap run --help` failed: {(probe.stderr or probe.stdout).strip()[-300:]}")
+    return str(exe)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """Environment (dict) for sbatch/scontrol against the private SLURM."""
+    if not sys.platform.startswith("linux"):
+        _unavailable("SLURM test needs Linux")
+    _program()  # skips before touching SLURM if there is no program to run
+    have_slurm = all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged"))
+    if not have_slurm:
+        if os.geteuid() != 0:
+            _unavailable("slurm-wlm is not installed and installing it needs root")
+        if not shutil.which("apt-get"):
+            _unavailable("slurm-wlm is not installed and there is no apt-get to install it")
+    state = os.environ.get("SLURM_LOCAL_DIR", "/tmp/pfedmoap-slurm")
+    env = dict(os.environ, SLURM_LOCAL_DIR=state)
+    already_up = subprocess.run([str(SLURM_LOCAL), "status"], env=env, capture_output=True,
+                                timeout=60).returncode == 0
+    if not already_up and os.geteuid() != 0:
+        _unavailable("starting a private SLURM (munged, slurmctld, slurmd) needs root")
+    try:
+        up = subprocess.run([str(SLURM_LOCAL), "start"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    except subprocess.TimeoutExpired:
+        subprocess.run([str(SLURM_LOCAL), "stop"], env=env, capture_output=True, timeout=120)
+        _unavailable("tools/slurm_local.sh start did not finish in 600 s")
+    if up.returncode != 0:
+        if not already_up:
+            subprocess.run([str(SLURM_LOCAL), "stop"], env=env, capture_output=True, timeout=120)
+        _unavailable(f"SLURM could not be started: {up.stderr.strip()[-600:]}")
+    jobs: list[str] = []
+    try:
+        m = re.search(r"export SLURM_CONF=(\S+)", up.stdout)
+        assert m, f"no SLURM_CONF in: {up.stdout!r}"
+        env["SLURM_CONF"] = m.group(1)
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        env["HF_HUB_OFFLINE"] = "1"
+        yield {"env": env, "jobs": jobs, "dir": tmp_path_factory.mktemp("slurm")}
+    finally:  # cancel what we submitted; stop SLURM if we started it
+        for j in jobs:
+            subprocess.run(["scancel", j], env=env, capture_output=True, timeout=60)
+        if not already_up:
+            subprocess.run([str(SLURM_LOCAL), "stop"], env=env, capture_output=True, timeout=180)
+
+
+def _job_env(slurm, out: Path) -> dict:
+    env = dict(slurm["env"])
+    env.update(PFEDMOAP_VENV=str(VENV), PFEDMOAP_CMD=_program(), OUT=str(out), SETS=SETS,
+               CONFIG="", IF_EXISTS="")
+    for k in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_RESTART_COUNT"):  # if pytest runs inside a job
+        env.pop(k, None)
+    return env
+
+
+def _submit(slurm, name: str, out: Path) -> tuple[str, Path]:
+    log = slurm["dir"] / f"{name}.log"
+    r = subprocess.run(
+        ["sbatch", "--parsable", f"--job-name={name}", f"--ntasks={NTASKS}", "--nodes=1",
+         "--time=30:00", f"--chdir={slurm['dir']}", f"--output={log}", str(CPU_JOB)],
+        env=_job_env(slurm, out), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"sbatch failed: {r.stderr}"
+    job = r.stdout.strip().split(";")[0]
+    slurm["jobs"].append(job)
+    return job, log
+
+
+def _job_info(slurm, job: str) -> dict:
+    r = subprocess.run(["scontrol", "show", "job", "-o", job], env=slurm["env"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"scontrol show job {job}: {r.stderr}"
+    return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+
+
+def _wait_done(slurm, job: str, log: Path, timeout: float = JOB_TIMEOUT) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = _job_info(slurm, job)
+        if info["JobState"] in TERMINAL:
+            return info
+        time.sleep(1)
+    pytest.fail(f"job {job} not finished after {timeout} s (state {info['JobState']}):\n"
+                f"{_tail(log)}")
+
+
+def _tail(log: Path, n: int = 4000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else "(no job log)"
+
+
+def _rounds_done(path: Path) -> int:
+    """rounds_done of a results file that may be open for writing (0 if unreadable now)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f.attrs.get("rounds_done", 0))
+    except Exception:  # not there yet, or caught mid-write
+        return 0
+
+
+def _results(path: Path) -> dict:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {"status": str(f.attrs["status"]), "rounds_done": int(f.attrs["rounds_done"]),
+                "accuracy": f["rounds/accuracy"][()], "loss": f["rounds/loss"][()]}
+
+
+@pytest.fixture(scope="module")
+def reference(slurm):
+    """An uninterrupted run through jobs/cpu.sbatch, with `sbatch --wait`."""
+    out = slurm["dir"] / "reference"
+    log = slurm["dir"] / "reference.log"
+    t0 = time.monotonic()
+    name = f"reference-{os.getpid()}"
+    try:
+        r = subprocess.run(
+            ["sbatch", "--wait", "--parsable", f"--job-name={name}", f"--ntasks={NTASKS}",
+             "--nodes=1", "--time=30:00", f"--chdir={slurm['dir']}", f"--output={log}",
+             str(CPU_JOB)],
+            env=_job_env(slurm, out), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["scancel", f"--name={name}"], env=slurm["env"], capture_output=True,
+                       timeout=60)
+        pytest.fail(f"sbatch --wait did not return in {JOB_TIMEOUT} s:\n{_tail(log)}")
+    job = r.stdout.strip().split(";")[0]
+    if job:
+        slurm["jobs"].append(job)
+    return {"rc": r.returncode, "stderr": r.stderr, "job": job, "out": out, "log": log,
+            "seconds": time.monotonic() - t0}
+
+
+def test_cpu_job_completes(slurm, reference):
+    assert reference["rc"] == 0, (f"sbatch --wait exited {reference['rc']}: {reference['stderr']}"
+                                  f"\n{_tail(reference['log'])}")
+    info = _job_info(slurm, reference["job"])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+    res = _results(reference["out"] / "results.h5")
+    assert res["status"] == "complete", _tail(reference["log"])
+    assert res["rounds_done"] == ROUNDS
+    assert res["accuracy"].shape[0] == ROUNDS and res["loss"].shape == res["accuracy"].shape
+
+
+def test_preempted_job_requeues_and_resumes(slurm, reference):
+    if reference["rc"] != 0:
+        pytest.fail("the uninterrupted reference run failed; see test_cpu_job_completes")
+    out = slurm["dir"] / "preempted"
+    job, log = _submit(slurm, "preempted", out)
+
+    # wait until at least one round is on disk, then signal the batch shell like SLURM does
+    # before a time limit (--signal=B:USR1@...)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while _rounds_done(out / "results.h5") < 1:
+        state = _job_info(slurm, job)["JobState"]
+        if state in TERMINAL:
+            pytest.fail(f"job {job} ended ({state}) before its first round:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no round written after {JOB_TIMEOUT} s:\n{_tail(log)}")
+        time.sleep(0.5)
+    r = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm["env"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"scancel --signal=USR1 --batch failed: {r.stderr}"
+
+    info = _wait_done(slurm, job, log)
+    text = _tail(log, 20000)
+    assert "program exited with 75" in text, (
+        f"the run did not stop at the signal with exit code 75 (too few rounds left?):\n{text}")
+    assert int(info.get("Restarts", 0)) >= 1, f"job was not requeued: {info}\n{text}"
+    assert "--if-exists resume" in text, text
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}"
+
+    import numpy as np
+
+    res = _results(out / "results.h5")
+    ref = _results(reference["out"] / "results.h5")
+    assert res["status"] == "complete" and res["rounds_done"] == ROUNDS, text
+    np.testing.assert_array_equal(res["accuracy"], ref["accuracy"])
+    np.testing.assert_array_equal(res["loss"], ref["loss"])
+
+
+def test_scancel_stays_cancelled(slurm):
+    """A plain `scancel` sends SIGTERM: the run checkpoints, and the job must not requeue itself."""
+    out = slurm["dir"] / "cancelled"
+    job, log = _submit(slurm, "cancelled", out)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while _rounds_done(out / "results.h5") < 1:
+        state = _job_info(slurm, job)["JobState"]
+        if state in TERMINAL:
+            pytest.fail(f"job {job} ended ({state}) before its first round:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no round written after {JOB_TIMEOUT} s:\n{_tail(log)}")
+        time.sleep(0.5)
+    r = subprocess.run(["scancel", job], env=slurm["env"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, f"scancel failed: {r.stderr}"
+
+    deadline = time.monotonic() + 120  # the batch shell has KillWait (30 s) before SIGKILL
+    while "program exited with" not in _tail(log, 20000) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(20)  # longer than the private SLURM's requeue delay (cred_expire=10)
+    info = _job_info(slurm, job)
+    text = _tail(log, 20000)
+    assert info["JobState"] == "CANCELLED", f"{info}\n{text}"
+    assert int(info.get("Restarts", 0)) == 0, f"scancel'd job requeued itself: {info}\n{text}"
+    assert "not requeueing" in text, text
+    res = _results(out / "results.h5")
+    assert res["status"] == "stopped", f"SIGTERM did not checkpoint the run:\n{text}"
+    assert (out / "checkpoint.h5").exists()
