@@ -3,6 +3,7 @@ pfedmoap.analysis; every number in the report is checked against the arrays writ
 from __future__ import annotations
 
 import csv
+import os
 import io
 import subprocess
 import sys
@@ -266,3 +267,36 @@ def test_a_run_held_open_by_its_writer_can_be_reported(tmp_path):
         assert all(len(v) == 2 for k, v in run.rounds.items() if k != "phases")
     finally:
         writer.communicate("", timeout=30)
+
+
+def test_report_of_real_runs_matches_their_hdf5(tmp_path):
+    """Two seeds of a real (tiny) run: the report's numbers are the files' numbers."""
+    import subprocess
+    import sys
+    import h5py
+
+    sets = ["model.name=tiny-clip", "model.pretrained=", "data.dataset=synthetic", "data.n_clients=3",
+            "data.n_train=120", "data.n_test=60", "data.min_size=5", "data.cache_dir=", "rounds=2",
+            "train.local_epochs=1", "algorithm=pfedmoap", "prompt.n_ctx=2", "moe.n_experts=2"]
+    runs = []
+    for seed in (1, 2):
+        out = tmp_path / f"s{seed}"
+        args = [sys.executable, "-m", "pfedmoap.cli", "run", "--out", str(out)]
+        for s in sets + [f"seed={seed}"]:
+            args += ["--set", s]
+        p = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs.append(out)
+    last = []
+    for out in runs:
+        with h5py.File(out / "results.h5") as f:
+            last.append(f["rounds/accuracy"][-1].mean())
+    csv = report_main([str(r) for r in runs], "csv")
+    header, row = csv.strip().splitlines()[:2]
+    fields = dict(zip(header.split(","), row.split(",")))
+    assert float(fields["acc_last_mean"]) == pytest.approx(np.mean(last), abs=1e-6)
+    assert float(fields["acc_last_std"]) == pytest.approx(np.std(last, ddof=1), abs=1e-6)
+    plots = tmp_path / "fig"
+    report_main([str(r) for r in runs], "table", str(plots))
+    pngs = list(plots.glob("*.png"))
+    assert any(p.name.startswith("experts_") for p in pngs) and all(p.stat().st_size > 0 for p in pngs)

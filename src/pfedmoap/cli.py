@@ -140,8 +140,18 @@ def _data_check(args) -> int:
     return 0
 
 
+def _request_stop(*_args) -> None:
+    from . import federation
+    federation.request_stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("run", "resume"):
+        # From the first moment: a preemption notice during start-up is honoured at the first
+        # round's end instead of killing the rank.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, _request_stop)
     from . import comm as comm_mod
     comm = comm_mod.LocalComm()
     try:
@@ -149,14 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             comm = comm_mod.world()
         if args.command == "run":
             configs = _configs(args)      # validated before the heavy imports: bad input fails fast
-            from . import federation
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, federation.request_stop)
             return _run(configs, comm, args.if_exists)
         if args.command == "resume":
-            from . import federation
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, federation.request_stop)
             return _resume(args.run_dir, comm)
         if args.command == "report":
             from .analysis import report_main
