@@ -241,10 +241,8 @@ class Federation:
             bytes_down[is_part] += 4 * P
         expert_ids = self._scatter_expert_ids(r) if E else np.zeros((len(self.mine), 0), np.int32)
         expert_rows = self._scatter_expert_rows(expert_ids) if E else np.zeros((0, P), np.float32)
-        if E:
-            all_ids = self._all_expert_ids if self.root else None
-            if self.root:
-                bytes_down += 4 * E + 4 * P * (all_ids >= 0).sum(1)
+        if E and self.root:
+            bytes_down += 4 * E + 4 * P * (self._all_expert_ids >= 0).sum(1)
         phase["comm"] += time.perf_counter() - t
 
         # 4. clients: train the participants, upload their prompts

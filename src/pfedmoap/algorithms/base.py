@@ -28,8 +28,8 @@ class ClientData:
 @dataclass
 class ClientState:
     """Everything a client keeps between rounds. Only `ctx` may ever leave the client."""
-    ctx: torch.Tensor                   # (n_ctx, W)
-    gating: torch.nn.Module | None = None
+    ctx: torch.Tensor                   # (n_ctx, W), on the CPU (small; the encoder moves it)
+    gating: torch.nn.Module | None = None   # on the backbone's device
     gating_opt: torch.optim.Optimizer | None = None
 
 
@@ -152,9 +152,9 @@ class Algorithm:
         n = len(data.test_y)
         if n == 0:
             return EvalResult(float("nan"), float("nan"), float("nan"), correct=np.zeros(0, bool))
-        pred = torch.cat(preds).numpy()
-        true = data.test_y.numpy()
-        gw = (torch.stack(weights).sum(0) / n).numpy() if weights else None
+        pred = torch.cat(preds).cpu().numpy()
+        true = data.test_y.cpu().numpy()
+        gw = (torch.stack(weights).sum(0) / n).cpu().numpy() if weights else None
         return EvalResult(float((pred == true).mean()), macro_f1(pred, true), float(sum(losses)) / n, gw,
                           pred == true)
 
@@ -168,11 +168,11 @@ class Algorithm:
     # ------------------------------------------------------------------ checkpoints
     def state_vector(self, state: ClientState) -> np.ndarray:
         """Everything the client keeps, flat (its ctx, gating and optimiser state)."""
-        parts = [state.ctx.reshape(-1)]
+        parts = [state.ctx]
         if state.gating is not None:
-            parts += [p.detach().reshape(-1) for p in state.gating.parameters()]
-            parts += [state.gating_opt.state[p]["momentum_buffer"].reshape(-1) for p in state.gating.parameters()]
-        return torch.cat(parts).detach().cpu().numpy().astype(np.float32)
+            parts += list(state.gating.parameters())
+            parts += [state.gating_opt.state[p]["momentum_buffer"] for p in state.gating.parameters()]
+        return torch.cat([p.detach().reshape(-1).cpu() for p in parts]).numpy().astype(np.float32)
 
     def load_state_vector(self, state: ClientState, vec: np.ndarray) -> None:
         v = torch.from_numpy(np.asarray(vec, np.float32))

@@ -19,7 +19,8 @@ class PFedMoAP(Algorithm):
         m = self.cfg.moe
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.key(self.cfg.seed, "gating-init", 0, cid))
-            state.gating = GatingNetwork(self.backbone.embed_dim, m.gating_dim, m.gating_heads, m.scaling)
+            state.gating = GatingNetwork(self.backbone.embed_dim, m.gating_dim, m.gating_heads,
+                                         m.scaling).to(self.backbone.device)
         t = self.cfg.train
         # The gating optimiser belongs to the client and persists across rounds.
         state.gating_opt = torch.optim.SGD(state.gating.parameters(), lr=m.gating_lr,
