@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pfedmoap.analysis import (Stat, expert_counts, format_table, load_run, mean_gate_weight,
-                               plot_runs, report_main, summarize)
+                               report_main, summarize)
 from pfedmoap.errors import PFedMoAPError
 
 N, C, K = 4, 3, 3  # clients, classes, experts including the local one

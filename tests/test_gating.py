@@ -26,7 +26,7 @@ def _gating(embed_dim=128, dim=128, heads=8, scaling=10.0, seed=0):
 
 def _reference_moe(g: GatingNetwork, f, T, s, lam):
     """DESIGN.md section 1, written out with loops: per image b, class c and head h."""
-    B, (K, C, D) = f.shape[0], T.shape
+    B, (_, C, D) = f.shape[0], T.shape
     d, h = g.dim, g.heads
     dh = d // h
     r = D // d

@@ -168,7 +168,7 @@ def cmd_step(args) -> None:
         with torch.no_grad():      # exactness check of the fast paths against the 77-token path
             ref = encs["full77"](ctx)
             err = max(float((encs[k](ctx) - ref).abs().max()) for k in ("trunc", "prefix77", "ours"))
-        L_full, L_trunc = encs["full77"].length, encs["trunc"].length
+        L_trunc = encs["trunc"].length
         suffix = L_trunc - 1 - n_ctx
         print(f"\nC = {C} classes  (sequence 77 -> {L_trunc} tokens after EOS truncation; shared prefix "
               f"{1 + n_ctx} tokens once + {suffix} suffix tokens per class; max |diff| vs 77-token "

@@ -93,7 +93,7 @@ class DPConfig:
 class RunConfig:
     threads: int = 0              # torch threads per rank; 0 = 1 with several ranks, else all cores
     checkpoint_every: int = 5      # rounds between checkpoints; also at the end and on a signal
-    progress: bool = True
+    progress: bool = True         # a progress bar on a terminal (one process); lines per round otherwise
     truncate_eos: bool = True     # exact fast path: cut the text sequence after the last EOS
     shared_prefix: bool = True    # exact fast path: encode [SOS]+ctx once for every class
 

@@ -5,7 +5,6 @@ collectives, one per exchange. With one process rank 0 hosts every client and th
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -252,9 +251,11 @@ class Federation:
         phase["experts"] += time.perf_counter() - t
         t = time.perf_counter()
         uploads = []
+        bar = self._progress_bar(r, int(is_part[self.mine].sum()) + len(self.mine))
         for i, c in enumerate(self.mine):
             if not is_part[c]:
                 continue
+            bar.update()
             state = self.states[c]
             self.algo.start_round(state, gp)
             self.algo.fit(state, self.data[c], r, int(c), gp, expert_feats[i])
@@ -289,6 +290,7 @@ class Federation:
         metrics = np.full((len(self.mine), width), np.nan, np.float32)
         global_text = None
         for i, c in enumerate(self.mine):
+            bar.update()
             if self.algo.eval_with_global and gp is not None:     # the same prompt for every client
                 global_text = self.algo.text_features(self.states[c], gp) if global_text is None else global_text
                 own = global_text.unsqueeze(0)
@@ -303,6 +305,7 @@ class Federation:
                 metrics[i, 3:3 + len(res.gate_weight)] = res.gate_weight
             metrics[i, 3 + K:] = self._domain_accuracy(c, res.correct, n_dom)
         phase["eval"] += time.perf_counter() - t
+        bar.close()
 
         t = time.perf_counter()
         metrics = self.comm.gatherv(metrics, [int(n) * width for n in self.counts_hosted])
@@ -323,6 +326,13 @@ class Federation:
             self.log(f"round {r + 1}/{self.rounds}  mean accuracy {np.nanmean(metrics[:, 0]):.4f}  "
                      f"participants {len(participants)}/{N}  {time.perf_counter() - t_round:.1f}s")
             self.results.rows["phase_time"][-1][0, PHASES.index("write")] += time.perf_counter() - t
+
+    def _progress_bar(self, r: int, steps: int):
+        """Clients trained and evaluated so far, on a terminal, when rank 0 hosts the clients."""
+        from tqdm import tqdm
+        show = self.cfg.run.progress and self.root and self.comm.size == 1 and sys.stderr.isatty()
+        return tqdm(total=steps, desc=f"round {r + 1}/{self.rounds}", unit="client-step", leave=False,
+                    disable=not show)
 
     def _domain_accuracy(self, c: int, correct: np.ndarray, n_dom: int) -> np.ndarray:
         """Accuracy of client c on each domain of its test split (NaN where it has none)."""
