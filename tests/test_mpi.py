@@ -161,3 +161,27 @@ def _rank_pid(rank: int) -> int:
         if b"pfedmoap.cli" in cmd and f"PMI_RANK={rank}".encode() in env and b"python" in cmd.split(b"\0")[0]:
             return int(pid)
     raise AssertionError(f"rank {rank} not found")
+
+
+def test_a_user_error_on_one_rank_only_ends_every_rank_with_exit_2(tmp_path):
+    # The data set is built on every rank; make it fail on rank 2 only (as a data root missing on
+    # one node would): every rank must exit 2, one line is printed, nobody hangs.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('PMI_RANK') == '2':\n"
+        "    import pfedmoap.data.datasets as d\n"
+        "    from pfedmoap.errors import PFedMoAPError\n"
+        "    def broken(cfg):\n"
+        "        raise PFedMoAPError('data.root: missing on this node')\n"
+        "    d.load_dataset = broken\n"
+        "    import pfedmoap.federation as f\n"
+        "    f.load_dataset = broken\n")
+    env = _env()
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
+    start = time.time()
+    p = subprocess.run(_cmd(3, tmp_path / "u"), capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert errors == ["error: data.root: missing on this node"], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert time.time() - start < 90

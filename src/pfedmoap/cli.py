@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import PFedMoAPError
+from .errors import PFedMoAPError, ReportedElsewhere
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,10 +104,15 @@ def _final_table(outcomes) -> str:
 
 
 def _resume(run_dir: str, comm) -> int:
-    from . import config, store
-    attrs, _ = store.read_checkpoint(Path(run_dir))
-    cfg = config.from_toml(attrs["config"])
-    cfg.out = run_dir
+    from . import comm as comm_mod, config, store
+    cfg, error = None, None
+    try:
+        attrs, _ = store.read_checkpoint(Path(run_dir))
+        cfg = config.from_toml(attrs["config"])
+        cfg.out = run_dir
+    except PFedMoAPError as e:
+        error = e
+    comm_mod.agree(comm, error)
     return _run([cfg], comm, "resume")
 
 
@@ -158,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("run", "resume", "info"):
             comm = comm_mod.world()
         if args.command == "run":
-            configs = _configs(args)      # validated before the heavy imports: bad input fails fast
+            configs, error = None, None
+            try:
+                configs = _configs(args)      # validated before the heavy imports: bad input fails fast
+            except PFedMoAPError as e:        # (a config file may be missing on one node only)
+                error = e
+            comm_mod.agree(comm, error)
             return _run(configs, comm, args.if_exists)
         if args.command == "resume":
             return _resume(args.run_dir, comm)
@@ -170,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             return _info(comm)
         if args.command == "data":
             return _data_check(args)
+    except ReportedElsewhere:
+        return 2
     except PFedMoAPError as e:
-        # Raised the same way on every rank (config, data, set-up, rank 0's verdict): one line, exit 2.
-        if comm.rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+        # Ranks agree on user errors (comm.agree): exactly one of them prints the line.
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -12,7 +12,7 @@ import traceback
 
 import numpy as np
 
-from .errors import PFedMoAPError
+from .errors import PFedMoAPError, ReportedElsewhere
 
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE",
                   "MPI_LOCALRANKID")
@@ -38,6 +38,9 @@ class LocalComm:
         return np.ascontiguousarray(send).reshape(-1)
 
     def allreduce_max(self, x: int) -> int:
+        return x
+
+    def allreduce_min(self, x: int) -> int:
         return x
 
     def barrier(self) -> None:
@@ -103,10 +106,16 @@ class MPIComm:
         return recv
 
     def allreduce_max(self, x: int) -> int:
+        return self._allreduce(x, self.MPI.MAX)
+
+    def allreduce_min(self, x: int) -> int:
+        return self._allreduce(x, self.MPI.MIN)
+
+    def _allreduce(self, x: int, op) -> int:
         buf = np.array([x], np.int64)
         out = np.empty_like(buf)
         self._arrive()
-        self.comm.Allreduce([buf, self.MPI.INT64_T], [out, self.MPI.INT64_T], op=self.MPI.MAX)
+        self.comm.Allreduce([buf, self.MPI.INT64_T], [out, self.MPI.INT64_T], op=op)
         return int(out[0])
 
     def barrier(self) -> None:
@@ -154,6 +163,18 @@ def place_clients(n_train: np.ndarray, size: int) -> np.ndarray:
         owner[start:stop] = g + 1
         start = stop
     return owner
+
+
+def agree(comm, error: PFedMoAPError | None) -> None:
+    """Every rank calls this at the same point: if any rank met a user error, all raise, so no
+    rank goes on into a collective the others will never reach. Only the lowest failing rank
+    keeps its message (and prints it); the others exit 2 quietly."""
+    first = comm.allreduce_min(comm.rank if error is not None else comm.size)
+    if first == comm.size:
+        return
+    if comm.rank == first:
+        raise error
+    raise ReportedElsewhere(f"rank {first} reported an error")
 
 
 def fail(comm, exc: BaseException) -> None:

@@ -53,6 +53,17 @@ class Federation:
         self.cfg, self.comm, self.log = cfg, comm, log
         self.root = comm.rank == 0
         torch.set_num_threads(cfg.run.threads or (1 if comm.size > 1 else torch.get_num_threads()))
+        error = None
+        try:
+            self._setup()
+        except PFedMoAPError as e:   # e.g. a data root or weight file missing on one node only
+            error = e
+        comm_mod.agree(comm, error)
+        self._setup_clients()
+
+    def _setup(self) -> None:
+        """Everything that reads the user's input: data, partition, placement, backbone, method."""
+        cfg, comm = self.cfg, self.comm
         d = cfg.data
         self.dataset = load_dataset(d)
         self.partition = make_partition(self.dataset, d, cfg.seed)
@@ -76,6 +87,8 @@ class Federation:
         self.P = int(np.prod(self.ctx_shape))
         self.S = len(self.algo.state_vector(probe))
 
+    def _setup_clients(self) -> None:
+        d = self.cfg.data
         feats = self._image_features()
         dev = self.backbone.device
         self.data = {}
@@ -136,12 +149,6 @@ class Federation:
                                                 for c in range(self.N)]).astype(np.int32),
                 "classnames": self.dataset.classnames, "domain_names": self.dataset.domain_names}
 
-    def _agree(self, error: str | None) -> None:
-        """Rank 0 decided whether the run can go on; every rank learns it and exits 2 together."""
-        flag = self.comm.bcast(np.array([1 if error else 0], np.int32))
-        if flag[0]:
-            raise PFedMoAPError(error or "rank 0 refused the run (see its message)")
-
     # ------------------------------------------------------------------ run
     def run(self, run_dir: str | Path, if_exists: str = "refuse") -> Outcome:
         run_dir = Path(run_dir)
@@ -151,8 +158,8 @@ class Federation:
             try:
                 start, ckpt = self._open_run_dir(run_dir, if_exists)
             except PFedMoAPError as e:
-                error = str(e)
-        self._agree(error)
+                error = e
+        comm_mod.agree(self.comm, error)
         start = int(self.comm.bcast(np.array([start], np.int64))[0])
         if start > 0:
             self._restore(ckpt)
