@@ -54,3 +54,10 @@ def test_cache_file_is_written_once_and_reused(setup, tmp_path):
     assert features.read(path, len(ds.test) + 1, backbone.embed_dim) is None    # another data set: not reused
     assert os.stat(path).st_mtime_ns == mtime
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cache_key_names_the_weights(setup):
+    backbone, ds = setup
+    other = Backbone("tiny-clip", "", seed=1)        # same architecture, other random weights
+    assert features.cache_key(backbone, ds, "train") != features.cache_key(other, ds, "train")
+    assert features.cache_key(backbone, ds, "train") == features.cache_key(Backbone("tiny-clip", "", seed=0), ds, "train")

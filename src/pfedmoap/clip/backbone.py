@@ -83,6 +83,7 @@ class Backbone:
             mean=getattr(self.model.visual, "image_mean", None), std=getattr(self.model.visual, "image_std", None))
         self.embed_dim = cfg["embed_dim"]
         self.name, self.pretrained = model_name, pretrained
+        self.weights_id = self._weights_id(pretrained, seed)
         self.logit_scale = float(self.model.logit_scale.exp())
 
     @staticmethod
@@ -113,6 +114,20 @@ class Backbone:
         except Exception:  # noqa: BLE001 - offline cache miss
             raise PFedMoAPError(f"model.pretrained = {pretrained!r}: weights for {model_name} are not in the local "
                                 f"cache and nothing is downloaded; pass the checkpoint file's path instead") from None
+
+    @staticmethod
+    def _weights_id(pretrained: str, seed: int) -> str:
+        """What identifies the weights, for caches of features computed with them."""
+        if not pretrained:
+            return f"random-init:{seed}"
+        if pretrained == "digits":
+            from .micro import metadata
+            return f"digits:{metadata()['weights_sha256']}"
+        path = Path(pretrained).expanduser()
+        if path.is_file():
+            st = path.stat()
+            return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        return f"tag:{pretrained}"
 
     def autocast(self):
         if self.device.type == "cuda" and self.precision != "fp32":

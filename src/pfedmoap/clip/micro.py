@@ -3,9 +3,7 @@
 `micro-clip` (model config `pfedmoap/model_configs/micro-clip.json`: 32x32 images, ViT 4 layers
 width 128 patch 8, text transformer 3 layers width 128, embed dim 128) was pretrained from scratch by
 `tools/pretrain_micro_clip.py` with the CLIP contrastive loss on the *pretraining half* of the
-embedded `digits` data set (original domain only; captions put the class name after a template's
-words, random common words or random embedding vectors, so that learned CoOp context is in
-distribution). It never saw the
+embedded `digits` data set (original domain only, captions from a few templates). It never saw the
 federated half, which is the benchmark (`pfedmoap.data.digits`).
 
 Weights file `pfedmoap/weights/micro-clip-digits.pt` (torch.save, loadable with weights_only=True):
@@ -13,10 +11,9 @@ Weights file `pfedmoap/weights/micro-clip-digits.pt` (torch.save, loadable with 
      "state_dict": {name: float16 tensor},   # every parameter and buffer of the open_clip model,
                                             # except that "token_embedding.weight" holds only
      "token_ids": int64 tensor (n,)}         # the rows of these token ids.
-Only the token-embedding rows that pretraining trained are stored: the caption templates, the hand
-prompt, a few prompt-initialisation words and the random-context vocabulary (a few thousand common
-English words); the whole 49,408-row table would be 12 MB. Every other row is zero after loading;
-those tokens were never trained, so nothing is lost. Parameters are
+Only the token-embedding rows of the words the pretraining captions, the hand prompt and a few
+prompt-initialisation words use are stored (the whole 49,408-row table would be 12 MB); every other
+row is zero after loading. Those tokens were never trained, so nothing is lost. Parameters are
 stored in half precision and loaded as float32.
 
 Metadata `pfedmoap/weights/micro-clip-digits.json`: seed, config, training settings, the weights

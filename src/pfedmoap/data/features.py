@@ -32,7 +32,7 @@ def train_transform(backbone):
 def cache_key(backbone, dataset, split_name: str, view: int | None = None) -> str:
     split = getattr(dataset, split_name)
     h = hashlib.sha256()
-    for part in (backbone.name, backbone.pretrained, str(backbone.preprocess), dataset.name, split_name,
+    for part in (backbone.name, backbone.weights_id, str(backbone.preprocess), dataset.name, split_name,
                  backbone.precision, f"view={view}", *split.keys):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:20]
