@@ -116,7 +116,7 @@ def train(args) -> tuple[torch.nn.Module, list[int], dict]:
     mean = torch.tensor(model.visual.image_mean)[:, None, None]
     std = torch.tensor(model.visual.image_std)[:, None, None]
     y = torch.as_tensor(labels)
-    C, T = len(digits.CLASSNAMES), len(TEMPLATES)
+    T = len(TEMPLATES)
     cap_tokens = tokenizer([t.format(c) for c in digits.CLASSNAMES for t in TEMPLATES])  # c*T + t
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]

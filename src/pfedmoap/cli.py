@@ -117,19 +117,12 @@ def _resume(run_dir: str, comm) -> int:
 
 
 def _info(comm) -> int:
-    import h5py
     import open_clip
     import torch
-    from . import __version__
+    from . import __version__, comm as comm_mod, store
     lines = [f"pfedmoap {__version__}", f"python {sys.version.split()[0]}", f"torch {torch.__version__}",
-             f"open_clip {open_clip.__version__}", f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version})"]
-    try:
-        import mpi4py
-        from mpi4py import MPI
-        lines.append(f"mpi4py {mpi4py.__version__}; MPI library: {MPI.Get_library_version().strip().splitlines()[0]}")
-    except ImportError:
-        lines.append("mpi4py: not installed")
-    lines.append(f"world size {comm.size}")
+             f"open_clip {open_clip.__version__}", store.library_versions(), comm_mod.library_versions(),
+             f"world size {comm.size}"]
     cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     lines.append(f"devices: cpu ({torch.get_num_threads()} threads)" + "".join(f", cuda:{i} {n}" for i, n in enumerate(cuda)))
     if comm.rank == 0:

@@ -127,6 +127,15 @@ class MPIComm:
         self.comm.Abort(code)
 
 
+def library_versions() -> str:
+    try:
+        import mpi4py
+        from mpi4py import MPI
+    except ImportError:
+        return "mpi4py: not installed"
+    return f"mpi4py {mpi4py.__version__}; MPI library: {MPI.Get_library_version().strip().splitlines()[0]}"
+
+
 def world() -> LocalComm | MPIComm:
     if not launched_by_mpi():
         return LocalComm()

@@ -26,6 +26,10 @@ ROUND_FIELDS = {"accuracy": np.float32, "macro_f1": np.float32, "loss": np.float
                 "wall_time": np.float32}
 
 
+def library_versions() -> str:
+    return f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version})"
+
+
 def _atomic_write(path: Path, fill) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
