@@ -133,20 +133,24 @@ def test_a_killed_client_rank_ends_the_job_promptly(tmp_path):
 def test_an_exception_on_a_client_rank_aborts_the_world(tmp_path):
     # Rank 2 raises inside local training (an injected fault, through sitecustomize); the server
     # and rank 1 are then waiting in a collective and must not hang.
-    (tmp_path / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('PMI_RANK') == '2':\n"
-        "    import torch\n"
-        "    def broken(self, *a, **k):\n"
-        "        raise RuntimeError('injected fault in local training')\n"
-        "    torch.optim.SGD.step = broken\n")
-    env = _env()
-    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
     start = time.time()
-    p = subprocess.run(_cmd(3, tmp_path / "e"), capture_output=True, text=True, timeout=120, env=env)
+    p = _run_with_fault_on_rank_2(tmp_path, "e",
+                                  "import torch\n"
+                                  "def broken(self, *a, **k):\n"
+                                  "    raise RuntimeError('injected fault in local training')\n"
+                                  "torch.optim.SGD.step = broken\n")
     assert p.returncode != 0
     assert "[rank 2] Traceback" in p.stderr and "injected fault" in p.stderr
     assert time.time() - start < 90
+
+
+def _run_with_fault_on_rank_2(tmp_path: Path, name: str, patch: str):
+    """A 3-rank run in which rank 2 alone executes `patch` at start-up (through sitecustomize)."""
+    body = "".join("    " + line + "\n" for line in patch.splitlines())
+    (tmp_path / "sitecustomize.py").write_text("import os\nif os.environ.get('PMI_RANK') == '2':\n" + body)
+    env = _env()
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(_cmd(3, tmp_path / name), capture_output=True, text=True, timeout=120, env=env)
 
 
 def _rank_pid(rank: int) -> int:
@@ -166,20 +170,13 @@ def _rank_pid(rank: int) -> int:
 def test_a_user_error_on_one_rank_only_ends_every_rank_with_exit_2(tmp_path):
     # The data set is built on every rank; make it fail on rank 2 only (as a data root missing on
     # one node would): every rank must exit 2, one line is printed, nobody hangs.
-    (tmp_path / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('PMI_RANK') == '2':\n"
-        "    import pfedmoap.data.datasets as d\n"
-        "    from pfedmoap.errors import PFedMoAPError\n"
-        "    def broken(cfg):\n"
-        "        raise PFedMoAPError('data.root: missing on this node')\n"
-        "    d.load_dataset = broken\n"
-        "    import pfedmoap.federation as f\n"
-        "    f.load_dataset = broken\n")
-    env = _env()
-    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
     start = time.time()
-    p = subprocess.run(_cmd(3, tmp_path / "u"), capture_output=True, text=True, timeout=120, env=env)
+    p = _run_with_fault_on_rank_2(tmp_path, "u",
+                                  "import pfedmoap.federation as f\n"
+                                  "from pfedmoap.errors import PFedMoAPError\n"
+                                  "def broken(cfg):\n"
+                                  "    raise PFedMoAPError('data.root: missing on this node')\n"
+                                  "f.load_dataset = broken\n")
     assert p.returncode == 2, p.stderr[-2000:]
     errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
     assert errors == ["error: data.root: missing on this node"], p.stderr[-2000:]

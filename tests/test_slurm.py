@@ -201,14 +201,7 @@ def test_cpu_job_completes(slurm, reference):
     assert res["accuracy"].shape[0] == ROUNDS and res["loss"].shape == res["accuracy"].shape
 
 
-def test_preempted_job_requeues_and_resumes(slurm, reference):
-    if reference["rc"] != 0:
-        pytest.fail("the uninterrupted reference run failed; see test_cpu_job_completes")
-    out = slurm["dir"] / "preempted"
-    job, log = _submit(slurm, "preempted", out)
-
-    # wait until at least one round is on disk, then signal the batch shell like SLURM does
-    # before a time limit (--signal=B:USR1@...)
+def _wait_first_round(slurm, job, log, out) -> None:
     deadline = time.monotonic() + JOB_TIMEOUT
     while _rounds_done(out / "results.h5") < 1:
         state = _job_info(slurm, job)["JobState"]
@@ -217,6 +210,17 @@ def test_preempted_job_requeues_and_resumes(slurm, reference):
         if time.monotonic() > deadline:
             pytest.fail(f"no round written after {JOB_TIMEOUT} s:\n{_tail(log)}")
         time.sleep(0.5)
+
+
+def test_preempted_job_requeues_and_resumes(slurm, reference):
+    if reference["rc"] != 0:
+        pytest.fail("the uninterrupted reference run failed; see test_cpu_job_completes")
+    out = slurm["dir"] / "preempted"
+    job, log = _submit(slurm, "preempted", out)
+
+    # wait until at least one round is on disk, then signal the batch shell like SLURM does
+    # before a time limit (--signal=B:USR1@...)
+    _wait_first_round(slurm, job, log, out)
     r = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm["env"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"scancel --signal=USR1 --batch failed: {r.stderr}"
@@ -242,14 +246,7 @@ def test_scancel_stays_cancelled(slurm):
     """A plain `scancel` sends SIGTERM: the run checkpoints, and the job must not requeue itself."""
     out = slurm["dir"] / "cancelled"
     job, log = _submit(slurm, "cancelled", out)
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while _rounds_done(out / "results.h5") < 1:
-        state = _job_info(slurm, job)["JobState"]
-        if state in TERMINAL:
-            pytest.fail(f"job {job} ended ({state}) before its first round:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no round written after {JOB_TIMEOUT} s:\n{_tail(log)}")
-        time.sleep(0.5)
+    _wait_first_round(slurm, job, log, out)
     r = subprocess.run(["scancel", job], env=slurm["env"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, f"scancel failed: {r.stderr}"

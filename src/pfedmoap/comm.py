@@ -25,7 +25,6 @@ def launched_by_mpi() -> bool:
 class LocalComm:
     """World size 1: every collective is a copy."""
     rank, size = 0, 1
-    library = "none (single process)"
 
     def bcast(self, buf: np.ndarray) -> np.ndarray:
         return buf
@@ -58,7 +57,6 @@ class MPIComm:
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.library = MPI.Get_library_version().strip().splitlines()[0]
 
     def _type(self, arr: np.ndarray):
         return {np.dtype(np.float32): self.MPI.FLOAT, np.dtype(np.int32): self.MPI.INT,
