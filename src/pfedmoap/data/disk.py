@@ -189,19 +189,121 @@ def build_dtd(cfg):
     return _coop(cfg, "dtd")
 
 
+# --------------------------------------------------------------------------- untrusted pickles
+
+def _numpy_helper(name: str):
+    try:        # numpy >= 2 keeps the reconstruction helpers in numpy._core
+        from numpy._core import multiarray, numeric
+    except ImportError:   # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray, numeric
+    return getattr(numeric if name == "_frombuffer" else multiarray, name)
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """`_codecs.encode` as Python 3 pickles `bytes` at protocols 0-2: latin-1 only, nothing else."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed for latin-1 text")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    allowed: dict[tuple[str, str], object] = {}
+    for mod in ("builtins", "__builtin__"):           # Python 3 writes __builtin__ at protocols 0-2
+        for obj in (set, frozenset, bytes, bytearray, complex):
+            allowed[(mod, obj.__name__)] = obj
+    allowed[("_codecs", "encode")] = _latin1_encode
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    for core in ("numpy.core", "numpy._core"):        # files written under numpy 1.x and 2.x
+        for name in ("_reconstruct", "scalar"):
+            allowed[(f"{core}.multiarray", name)] = _numpy_helper(name)
+        allowed[(f"{core}.numeric", "_frombuffer")] = _numpy_helper("_frombuffer")
+    return allowed
+
+
+_ALLOWED = _allowed_globals()
+
+
+class _Refused(pickle.UnpicklingError):
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler for data files from a shared directory: it builds plain containers, numbers,
+    strings and numpy arrays, and refuses every other global (so a crafted file cannot run code)."""
+
+    def find_class(self, module: str, name: str):
+        obj = _ALLOWED.get((module, name))
+        if obj is None:
+            raise _Refused(f"{module}.{name}")
+        return obj
+
+    def persistent_load(self, pid):
+        raise _Refused(f"persistent id {str(pid)[:40]!r}")
+
+
+def _refused(path: Path, what: str) -> PFedMoAPError:
+    return PFedMoAPError(f"{path}: refused to unpickle {what} (only plain containers, numbers, strings and "
+                         f"numpy arrays are allowed)")
+
+
+def safe_unpickle(path: Path, encoding: str = "latin1"):
+    """pickle.load of an untrusted file with RestrictedUnpickler. A refused global is a
+    PFedMoAPError naming the file and the global; any other failure propagates as is."""
+    with open(path, "rb") as f:
+        try:
+            return RestrictedUnpickler(f, encoding=encoding).load()
+        except _Refused as e:
+            raise _refused(path, e.what) from None
+
+
+def safe_np_load(path: Path):
+    """np.load(path, allow_pickle=True) without running code: a .npy file is read without pickle,
+    or (object arrays) with RestrictedUnpickler; any other file is read as a restricted pickle."""
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            f.seek(0)
+            try:
+                return RestrictedUnpickler(f, encoding="latin1").load()
+            except _Refused as e:
+                raise _refused(path, e.what) from None
+        f.seek(0)
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        if not dtype.hasobject:
+            return np.load(path, allow_pickle=False)
+        try:
+            arr = RestrictedUnpickler(f, encoding="latin1").load()
+        except _Refused as e:
+            raise _refused(path, e.what) from None
+        if not isinstance(arr, np.ndarray) or arr.shape != tuple(shape):
+            raise ValueError("object array of another shape than its header")
+        return arr
+
+
 # --------------------------------------------------------------------------- CIFAR
 
 def _unpickle(name: str, path: Path, expected: str) -> dict:
     if not path.is_file():
         raise _fail(name, path, expected)
     try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
+        d = safe_unpickle(path, encoding="latin1")
+    except PFedMoAPError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a malformed root
         raise _fail(name, path, expected, f"is not a CIFAR pickle ({type(e).__name__})") from None
     if not isinstance(d, dict):
         raise _fail(name, path, expected, "is not a CIFAR pickle (no dict)")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _names(values) -> list[str]:
+    """Class names as text, whether the file holds Python 2 str (read as latin-1) or bytes."""
+    return [v.decode("latin1") if isinstance(v, bytes) else str(v) for v in values]
 
 
 def _cifar_images(name: str, path: Path, d: dict, expected: str) -> np.ndarray:
@@ -249,7 +351,7 @@ def build_cifar10(cfg):
     if not classes:
         raise _fail(name, base / "batches.meta", expected, "has no label_names")
     _no_domains(cfg, name)
-    return FederatedDataset(name, [readable(c) for c in classes],
+    return FederatedDataset(name, [readable(c) for c in _names(classes)],
                             _array_split(name, np.concatenate(xs), np.concatenate(ys), "train"),
                             _array_split(name, xte, yte, "test"))
 
@@ -279,7 +381,7 @@ def build_cifar100(cfg):
     if np.any(sc < 0):
         sc = None   # a class never seen: no consistent super-class map
     _no_domains(cfg, name)
-    return FederatedDataset(name, [readable(c) for c in classes], out["train"], out["test"], superclass=sc)
+    return FederatedDataset(name, [readable(c) for c in _names(classes)], out["train"], out["test"], superclass=sc)
 
 
 # --------------------------------------------------------------------------- multi-domain folders
@@ -305,7 +407,9 @@ def _read_split_file(base: Path, dom: str, part: str) -> list[str] | None:
         lines = [ln.split()[0] for ln in txt.read_text().splitlines() if ln.strip()]
     elif pkl.is_file():
         try:
-            paths, _ = np.load(pkl, allow_pickle=True)
+            paths, _ = safe_np_load(pkl)
+        except PFedMoAPError:
+            raise       # a refused global: never silently fall back to another split
         except Exception:  # noqa: BLE001
             return None
         lines = [str(p) for p in paths]
