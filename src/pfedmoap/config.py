@@ -210,9 +210,8 @@ def load(path: str | None = None, overrides: list[str] = (), base: dict | None =
     """Defaults <- `base` (e.g. the quick-start) <- TOML file <- `key=value` overrides; validated."""
     cfg = from_dict(base or {})
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise PFedMoAPError(f"config file {path!r} does not exist")
+        from .configs import find      # an existing file, else a packaged name such as paper/food101
+        p = find(path)
         try:
             from_dict(tomllib.loads(p.read_text()), cfg)
         except tomllib.TOMLDecodeError as e:
