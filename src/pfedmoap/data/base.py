@@ -1,11 +1,22 @@
 """What every data set hands to the rest of the system: images with aligned labels and domains."""
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
+
+
+def pixels_id(images: np.ndarray) -> str:
+    """A content id of in-memory images: sha256 of their shape, dtype and bytes."""
+    a = np.ascontiguousarray(images)
+    h = hashlib.sha256(f"{a.shape}|{a.dtype.str}|".encode())
+    h.update(memoryview(a).cast("B"))
+    return "pixels:" + h.hexdigest()
 
 
 class ImageSplit:
@@ -16,7 +27,8 @@ class ImageSplit:
     """
 
     def __init__(self, load: Callable[[int], Image.Image], labels: Sequence[int],
-                 domains: Sequence[int] | None = None, keys: Sequence[str] | None = None):
+                 domains: Sequence[int] | None = None, keys: Sequence[str] | None = None,
+                 files: Sequence[str | os.PathLike] | None = None, identity: str | None = None):
         self.load = load
         self.labels = np.asarray(labels, dtype=np.int64)
         n = len(self.labels)
@@ -25,6 +37,14 @@ class ImageSplit:
             raise ValueError("domains and labels differ in length")
         # keys identify images stably (file paths, or index strings) for the feature cache.
         self.keys = list(keys) if keys is not None else [str(i) for i in range(n)]
+        # What the feature cache's key covers besides the keys (see features.cache_key):
+        # `files`, one path per image for images read from disk (their size and mtime are part of
+        # the key), and `identity`, a string naming the content's source (a resolved data root, a
+        # hash of in-memory pixels). Neither given: the key hashes the images' pixels.
+        self.files = [Path(f) for f in files] if files is not None else None
+        if self.files is not None and len(self.files) != n:
+            raise ValueError("files and labels differ in length")
+        self.identity = identity
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -34,7 +54,7 @@ class ImageSplit:
         """uint8 arrays (N, H, W) or (N, H, W, 3) held in memory."""
         def load(i: int) -> Image.Image:
             return Image.fromarray(images[i]).convert("RGB")
-        return cls(load, labels, domains)
+        return cls(load, labels, domains, identity=pixels_id(images))
 
 
 @dataclass

@@ -83,6 +83,20 @@ def _loader(name: str, paths: list[Path]):
     return load
 
 
+def _root_id(base: Path) -> str:
+    """The data set's folder as an identity for the feature cache: its resolved absolute path."""
+    return f"root:{base.resolve()}"
+
+
+def _files_id(base: Path, files: list[Path]) -> str:
+    """Identity of in-memory images read from `files` (CIFAR batches): the root and each file's size and mtime."""
+    parts = [_root_id(base)]
+    for p in files:
+        st = p.stat()
+        parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
 def _no_domains(cfg, name: str) -> None:
     doms = list(getattr(cfg, "domains", []) or [])
     if doms and doms != ["all"]:
@@ -151,7 +165,8 @@ def _coop(cfg, name: str) -> FederatedDataset:
     def make(part: str) -> ImageSplit:
         rel, lab = splits[part]
         paths = [base / imgdir / r for r in rel]
-        return ImageSplit(_loader(name, paths), lab, None, keys=[f"{name}/{r}" for r in rel])
+        return ImageSplit(_loader(name, paths), lab, None, keys=[f"{name}/{r}" for r in rel],
+                          files=paths, identity=_root_id(base))
 
     train, test = make("train"), make("test")
     if len(train) == 0 or len(test) == 0:
@@ -314,10 +329,11 @@ def _cifar_images(name: str, path: Path, d: dict, expected: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _array_split(name: str, images: np.ndarray, labels, tag: str) -> ImageSplit:
+def _array_split(name: str, images: np.ndarray, labels, tag: str, identity: str) -> ImageSplit:
     def load(i: int) -> Image.Image:
         return Image.fromarray(images[i]).convert("RGB")
-    return ImageSplit(load, labels, None, keys=[f"{name}/{tag}/{i}" for i in range(len(images))])
+    return ImageSplit(load, labels, None, keys=[f"{name}/{tag}/{i}" for i in range(len(images))],
+                      identity=identity)
 
 
 def _cifar_dir(cfg, name: str, folder: str, expected: str) -> Path:
@@ -352,8 +368,9 @@ def build_cifar10(cfg):
         raise _fail(name, base / "batches.meta", expected, "has no label_names")
     _no_domains(cfg, name)
     return FederatedDataset(name, [readable(c) for c in _names(classes)],
-                            _array_split(name, np.concatenate(xs), np.concatenate(ys), "train"),
-                            _array_split(name, xte, yte, "test"))
+                            _array_split(name, np.concatenate(xs), np.concatenate(ys), "train",
+                                         _files_id(base, [base / f"data_batch_{i}" for i in range(1, 6)])),
+                            _array_split(name, xte, yte, "test", _files_id(base, [base / "test_batch"])))
 
 
 @register("cifar100")
@@ -377,7 +394,7 @@ def build_cifar100(cfg):
         if len(fine) and (fine.min() < 0 or fine.max() >= len(classes)):
             raise _fail(name, p, expected, "has fine labels outside the meta's class list")
         sc[fine] = coarse
-        out[part] = _array_split(name, x, fine, part)
+        out[part] = _array_split(name, x, fine, part, _files_id(base, [p]))
     if np.any(sc < 0):
         sc = None   # a class never seen: no consistent super-class map
     _no_domains(cfg, name)
@@ -474,7 +491,7 @@ def _domain_folders(cfg, name: str, folder: str, all_domains: list[str], classes
 
     def make(part):
         P, L, D, K = rows[part]
-        return ImageSplit(_loader(name, P), L, D, keys=K)
+        return ImageSplit(_loader(name, P), L, D, keys=K, files=P, identity=_root_id(base))
 
     return FederatedDataset(name, [readable(c) for c in classes], make("train"), make("test"),
                             domain_names=domains)

@@ -30,12 +30,49 @@ def train_transform(backbone):
 
 
 def cache_key(backbone, dataset, split_name: str, view: int | None = None) -> str:
+    """What the cached features of one split (and view) depend on: the backbone's weights and
+    preprocessing, the images' names and where their content comes from (see `content_id`)."""
     split = getattr(dataset, split_name)
     h = hashlib.sha256()
     for part in (backbone.name, backbone.weights_id, str(backbone.preprocess), dataset.name, split_name,
-                 backbone.precision, f"view={view}", *split.keys):
+                 backbone.precision, f"view={view}", *split.keys, content_id(split)):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:20]
+
+
+def content_id(split) -> str:
+    """An id of the split's image content, cheap to take.
+
+    Images on disk (`split.files`): the split's `identity` (the data set's resolved root), or each
+    file's absolute path when there is none, and each file's size and mtime_ns: one stat per file,
+    nothing read, so another root with the same layout, or an image rewritten in place, is another
+    id. In-memory images: their `identity` (a pixel hash, or the source files' stats); failing
+    that, a hash of every image's pixels (computed once per split object)."""
+    files = getattr(split, "files", None)
+    identity = getattr(split, "identity", None)
+    if files is None:
+        if identity:
+            return identity
+        cached = getattr(split, "_pixels_id", None)
+        if cached is None:
+            h = hashlib.sha256()
+            for i in range(len(split)):
+                a = np.ascontiguousarray(np.asarray(split.load(i)))
+                h.update(f"{a.shape}|{a.dtype.str}|".encode())
+                h.update(memoryview(a).cast("B"))
+            cached = "pixels:" + h.hexdigest()
+            split._pixels_id = cached
+        return cached
+    h = hashlib.sha256((identity or "").encode() + b"\0")
+    for p in files:
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise PFedMoAPError(f"image {p}: cannot stat it for the feature cache's key "
+                                f"({e.strerror or type(e).__name__})") from None
+        name = "" if identity else os.path.abspath(p)
+        h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\0".encode())
+    return "files:" + h.hexdigest()
 
 
 def compute(backbone, split, indices: np.ndarray | None = None, view: int | None = None) -> np.ndarray:
