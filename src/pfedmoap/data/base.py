@@ -15,7 +15,7 @@ def pixels_id(images: np.ndarray) -> str:
     """A content id of in-memory images: sha256 of their shape, dtype and bytes."""
     a = np.ascontiguousarray(images)
     h = hashlib.sha256(f"{a.shape}|{a.dtype.str}|".encode())
-    h.update(memoryview(a).cast("B"))
+    h.update(a.tobytes())
     return "pixels:" + h.hexdigest()
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 import zlib
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,11 @@ from .datasets import register
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 TEST_FRACTION = 0.3
+SHOWN_PROBLEMS = 20     # `data check` lists this many problems, then a count of the rest
+
+# Set by check_root: the loaders add problems they would otherwise skip or stop at (a split file
+# naming a missing image) to this list, and leave finding missing images to the full scan.
+_PROBLEMS: ContextVar[list | None] = ContextVar("pfedmoap_data_check_problems", default=None)
 
 DOMAINNET_DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
 DOMAINNET_CLASSES = ["bird", "feather", "headphones", "ice_cream", "teapot", "tiger", "whale",
@@ -173,7 +180,7 @@ def _coop(cfg, name: str) -> FederatedDataset:
         raise _fail(name, base / split, expected, "has an empty train or test list")
     for s, part in ((train, "train"), (test, "test")):   # cheap sanity check: first image exists
         p = base / imgdir / splits[part][0][0]
-        if not p.is_file():
+        if _PROBLEMS.get() is None and not p.is_file():     # (data check reports every missing one)
             raise _fail(name, p, expected, f"(first {part} image of the split) is missing")
     _no_domains(cfg, name)
     return FederatedDataset(name, [readable(c) for c in classnames], train, test)
@@ -473,6 +480,13 @@ def _domain_folders(cfg, name: str, folder: str, all_domains: list[str], classes
             files = [f.name for f in cdir.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXT]
             if use_files:
                 have = set(files)
+                problems = _PROBLEMS.get()
+                if problems is not None:     # entries naming absent images are skipped; data check says so
+                    for part in ("train", "test"):
+                        for r in sorted({r for r in shipped[part] if Path(r).parts[-2] == c
+                                         and Path(r).name not in have}):
+                            problems.append(("missing", f"{part}: {cdir / Path(r).name}: missing "
+                                                        f"(named by {d}_{part} split file)"))
                 split = {part: sorted({Path(r).name for r in shipped[part]
                                        if Path(r).parts[-2] == c and Path(r).name in have})
                          for part in ("train", "test")}
@@ -514,13 +528,67 @@ def build_office_caltech10(cfg):
 
 # --------------------------------------------------------------------------- check
 
-def check_root(cfg) -> str:
-    """Load cfg.dataset from cfg.root and describe it: split counts, classes, domains, a sample image.
+def _decode_file(p: Path) -> tuple[str, str] | None:
+    """None when the image at p opens and decodes fully; else (kind, why)."""
+    try:
+        with Image.open(p) as im:
+            im.convert("RGB")
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing", "missing"
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises, the image is unusable
+        why = " ".join(str(e).split())[:120]
+        return "undecodable", f"cannot decode ({type(e).__name__}{': ' + why if why else ''})"
+    return None
 
-    Raises PFedMoAPError (one line) when the root is missing or malformed."""
+
+def _scan(ds, problems: list) -> set[tuple[str, int]]:
+    """Open and decode every image of both splits (each file once); add a problem per bad image.
+    Returns the (split, index) pairs that failed."""
+    from tqdm import tqdm
+
+    bad: set[tuple[str, int]] = set()
+    seen: dict[Path, tuple[str, str] | None] = {}
+    total = len(ds.train) + len(ds.test)
+    with tqdm(total=total, desc=f"data check {ds.name}", unit="image", file=sys.stderr, leave=False,
+              disable=not sys.stderr.isatty()) as bar:
+        for tag, s in (("train", ds.train), ("test", ds.test)):
+            files = getattr(s, "files", None)
+            for i in range(len(s)):
+                if files is not None:
+                    p = files[i]
+                    first = p not in seen
+                    if first:
+                        seen[p] = _decode_file(p)
+                    if seen[p] is not None:
+                        bad.add((tag, i))
+                        if first:
+                            problems.append((seen[p][0], f"{tag}: {p}: {seen[p][1]}"))
+                else:
+                    try:
+                        s.load(i)
+                    except Exception as e:  # noqa: BLE001
+                        bad.add((tag, i))
+                        problems.append(("undecodable", f"{tag}: {s.keys[i]}: cannot decode ({type(e).__name__})"))
+                bar.update(1)
+    return bad
+
+
+def check_root(cfg, out=None, err=None) -> str:
+    """Load cfg.dataset from cfg.root, open and decode every image it uses, and describe it: split
+    counts, classes, domains, a sample image.
+
+    Raises PFedMoAPError (one line) when the root is missing or malformed, or when any image is
+    missing or undecodable: then the description goes to `out` (stdout) and the problems, the
+    first SHOWN_PROBLEMS of them and a count of the rest, to `err` (stderr) first."""
     from .datasets import load_dataset
 
-    ds = load_dataset(cfg)
+    problems: list[tuple[str, str]] = []
+    token = _PROBLEMS.set(problems)
+    try:
+        ds = load_dataset(cfg)
+    finally:
+        _PROBLEMS.reset(token)
+    bad = _scan(ds, problems)
     lines = [f"{ds.name}: root {getattr(cfg, 'root', '') or '(embedded)'}",
              f"  train {len(ds.train)} images, test {len(ds.test)} images, {ds.n_classes} classes"]
     shown = ", ".join(ds.classnames[:8]) + (", ..." if ds.n_classes > 8 else "")
@@ -537,8 +605,21 @@ def check_root(cfg) -> str:
     if ds.superclass is not None:
         lines.append(f"  super-classes: {len(np.unique(ds.superclass))}")
     for tag, s in (("train", ds.train), ("test", ds.test)):
-        if len(s):
+        if len(s) and (tag, 0) not in bad:
             im = s.load(0)
             lines.append(f"  first {tag} image: {s.keys[0]} ({im.size[0]}x{im.size[1]}, "
                          f"label {s.labels[0]} = {ds.classnames[s.labels[0]]!r})")
-    return "\n".join(lines)
+    if not problems:
+        return "\n".join(lines)
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    print("\n".join(lines), file=out, flush=True)
+    n = len(problems)
+    listed = [f"  {why}" for _, why in problems[:SHOWN_PROBLEMS]]
+    if n > SHOWN_PROBLEMS:
+        listed.append(f"  ... and {n - SHOWN_PROBLEMS} more")
+    print(f"{ds.name}: {n} problem{'s' if n != 1 else ''}:\n" + "\n".join(listed), file=err, flush=True)
+    kinds = {k: sum(1 for kk, _ in problems if kk == k) for k in ("missing", "undecodable")}
+    detail = ", ".join(f"{v} {k}" for k, v in kinds.items() if v)
+    raise PFedMoAPError(f"data check {ds.name} at {getattr(cfg, 'root', '') or '(embedded)'}: "
+                        f"{n} image problem{'s' if n != 1 else ''} ({detail}); listed above")

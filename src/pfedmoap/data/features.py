@@ -59,7 +59,7 @@ def content_id(split) -> str:
             for i in range(len(split)):
                 a = np.ascontiguousarray(np.asarray(split.load(i)))
                 h.update(f"{a.shape}|{a.dtype.str}|".encode())
-                h.update(memoryview(a).cast("B"))
+                h.update(a.tobytes())
             cached = "pixels:" + h.hexdigest()
             split._pixels_id = cached
         return cached
