@@ -1,13 +1,26 @@
 """The frozen CLIP backbone: open_clip loading, freezing, image features.
 
 Weights come from an open_clip pretrained tag (read from the local cache only, never the network),
-a local checkpoint file, the micro CLIP shipped in this package, or nowhere (random init).
+a local weight file, the micro CLIP shipped in this package, or nowhere (random init).
+
+OpenAI's CLIP weights were trained with QuickGELU. open_clip's plain model names (`RN50`,
+`ViT-B-16`) build nn.GELU and only warn when given OpenAI weights, so whenever the weights are
+OpenAI's - the `openai` tag (any tag whose open_clip entry says quick_gelu), OpenAI's released
+TorchScript archives (`RN50.pt`, `ViT-B-16.pt`) or a state dict saved from one - the QuickGELU model
+is built: the name's `-quickgelu` variant where open_clip has one (`RN50` -> `RN50-quickgelu`),
+else the same config with QuickGELU forced.
+
+Weight files: a TorchScript archive (OpenAI's releases, what the reference code's `clip` package
+downloads) is opened with torch.jit.load and only its state dict is used; anything else is read
+as tensors only - `.safetensors`, or torch.load(weights_only=True) for open_clip state dicts
+(`.pt`, `.bin`, `.pth`), which refuses pickles that would run code.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -40,14 +53,118 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _create_bare(open_clip, model_name: str):
+def _create_bare(open_clip, model_name: str, quick_gelu: bool = False):
     """The architecture with random weights; open_clip's warning that no weights were loaded is
     muted because weights, if any, are loaded next."""
     logging.getLogger().disabled = True
     try:
-        return open_clip.create_model(model_name, pretrained=None)
+        return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
     finally:
         logging.getLogger().disabled = False
+
+
+# Keys only OpenAI's TorchScript CLIP has (ints in its state dict; not model parameters).
+OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def quickgelu_name(open_clip, model_name: str) -> str:
+    """The open_clip name of `model_name` with QuickGELU: itself, or its `-quickgelu` variant."""
+    if model_name.endswith("-quickgelu"):
+        return model_name
+    alt = f"{model_name}-quickgelu"
+    return alt if alt in open_clip.list_models() else model_name
+
+
+def tag_needs_quick_gelu(model_name: str, tag: str) -> bool:
+    """Whether open_clip's pretrained tag was trained with QuickGELU (`openai` always is)."""
+    from open_clip.pretrained import get_pretrained_cfg
+    return tag == "openai" or bool((get_pretrained_cfg(model_name, tag) or {}).get("quick_gelu", False))
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """A TorchScript archive is a zip whose top folder holds `constants.pkl` (torch's own test)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A weight file -> (state dict of tensors, whether the weights are OpenAI's and need QuickGELU).
+
+    Raises PFedMoAPError (one line) for a file that is neither a TorchScript archive, nor
+    safetensors, nor a tensors-only torch checkpoint."""
+    path = Path(path).expanduser()
+    what = f"model.pretrained = {str(path)!r}"
+    openai = False
+    if is_torchscript_archive(path):
+        # OpenAI's released RN50.pt / ViT-B-16.pt are TorchScript archives, which
+        # torch.load(weights_only=True) refuses. As open_clip's own OpenAI loader does, the archive
+        # is opened with torch.jit.load (which compiles the archive's TorchScript code but runs none
+        # of its methods besides what loading itself runs) and only its state dict is kept; the
+        # scripted modules are dropped. Trust such a file as you would the code that made it.
+        try:
+            state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        except Exception as e:  # noqa: BLE001 - a damaged archive: one line
+            raise PFedMoAPError(f"{what}: a TorchScript archive that torch.jit.load cannot open (only its "
+                                f"state dict would be used): {_first_line(e)}") from None
+        openai = True
+    elif path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+            state = load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001
+            raise PFedMoAPError(f"{what}: not a readable safetensors file: {_first_line(e)}") from None
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - includes pickles that would run code: refused, not run
+            raise PFedMoAPError(f"{what}: refused: not a TorchScript archive, safetensors file or tensors-only "
+                                f"torch checkpoint (read with torch.load(weights_only=True)): "
+                                f"{_first_line(e)}") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise PFedMoAPError(f"{what}: holds no state dict of tensors")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    # A state dict saved from OpenAI's TorchScript model still carries its int entries.
+    openai = openai or any(k in state for k in OPENAI_ONLY_KEYS)
+    state = {k: v for k, v in state.items() if k not in OPENAI_ONLY_KEYS}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise PFedMoAPError(f"{what}: entry {bad[0]!r} is not a tensor; expected a CLIP state dict")
+    return state, openai
+
+
+def load_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load a CLIP state dict (OpenAI or open_clip key names) into an open_clip model, strictly.
+    Half-precision tensors (OpenAI's archives) are copied into the fp32 parameters exactly."""
+    from open_clip.model import convert_to_custom_text_state_dict
+    # A traced/scripted model also lists its non-persistent buffers (open_clip's attn_mask).
+    transient = {n for n, _ in model.named_buffers()} - set(model.state_dict())
+    state = {k: v for k, v in state.items() if k not in transient}
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+              if k in state and state[k].shape != v.shape]
+    problems = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})"] if missing else []
+    problems += [f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})"] if unexpected else []
+    problems += [f"{len(shapes)} of another shape, file vs model (e.g. {'; '.join(shapes[:2])})"] if shapes else []
+    if problems:
+        raise ValueError(f"another architecture: keys {', '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
 
 
 class Backbone:
@@ -72,7 +189,7 @@ class Backbone:
         self.precision = precision
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)      # random init must be the same on every rank and every run
-            self.model = self._create(open_clip, model_name, pretrained)
+            self.model, model_name = self._create(open_clip, model_name, pretrained)
         self.model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -88,32 +205,40 @@ class Backbone:
 
     @staticmethod
     def _create(open_clip, model_name: str, pretrained: str):
+        """-> (model, the open_clip name it was built as)."""
         if not pretrained:
-            return _create_bare(open_clip, model_name)
+            return _create_bare(open_clip, model_name), model_name
         if pretrained == "digits":
             from .micro import load_shipped_weights, MODEL_NAME
             if model_name != MODEL_NAME:
                 raise PFedMoAPError(f"model.pretrained = 'digits': only exists for model.name = {MODEL_NAME!r}")
             model = _create_bare(open_clip, model_name)
             load_shipped_weights(model)
-            return model
+            return model, model_name
         if Path(pretrained).expanduser().is_file():
-            model = _create_bare(open_clip, model_name)
+            state, openai = read_weights(pretrained)
+            built = quickgelu_name(open_clip, model_name) if openai else model_name
+            model = _create_bare(open_clip, built, quick_gelu=openai)
             try:
-                open_clip.load_checkpoint(model, str(Path(pretrained).expanduser()))
+                load_state(model, state)
             except Exception as e:  # noqa: BLE001 - a foreign file: say which and why, in one line
-                raise PFedMoAPError(f"model.pretrained = {pretrained!r}: cannot load into {model_name}: "
-                                    f"{str(e).splitlines()[0][:200]}") from None
-            return model
+                raise PFedMoAPError(f"model.pretrained = {pretrained!r}: cannot load into {built}: "
+                                    f"{_first_line(e)}") from None
+            return model, built
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
             raise PFedMoAPError(f"model.pretrained = {pretrained!r}: neither a file nor a pretrained tag of "
                                 f"{model_name} (tags: {', '.join(tags) or 'none'})")
+        quick = tag_needs_quick_gelu(model_name, pretrained)
+        built = quickgelu_name(open_clip, model_name) if quick else model_name
+        if pretrained not in open_clip.list_pretrained_tags_by_model(built):
+            built = model_name          # the variant lacks the tag: same config, QuickGELU forced
         try:
-            return open_clip.create_model(model_name, pretrained=pretrained)
+            return open_clip.create_model(built, pretrained=pretrained, force_quick_gelu=quick), built
         except Exception:  # noqa: BLE001 - offline cache miss
             raise PFedMoAPError(f"model.pretrained = {pretrained!r}: weights for {model_name} are not in the local "
-                                f"cache and nothing is downloaded; pass the checkpoint file's path instead") from None
+                                f"cache and nothing is downloaded; pass the weight file's path instead (OpenAI's "
+                                f"RN50.pt / ViT-B-16.pt, an open_clip .bin/.pt or a .safetensors)") from None
 
     @staticmethod
     def _weights_id(pretrained: str, seed: int) -> str:
