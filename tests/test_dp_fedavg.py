@@ -1,10 +1,10 @@
-"""Server-side FedAvg (Algorithm.aggregate) and the DP clipping and noise of uploads (dp.privatize)."""
+"""Server-side FedAvg (fedavg) and the DP clipping and noise of uploads (dp.privatize)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pfedmoap.algorithms import Algorithm
+from pfedmoap.algorithms import fedavg
 from pfedmoap.dp import privatize
 
 
@@ -15,7 +15,7 @@ def _prompts(n, P=12, seed=0):
 def test_fedavg_is_the_sample_weighted_mean():
     prompts = _prompts(3)
     n = np.array([10, 30, 60])
-    out = Algorithm.aggregate(prompts, n)
+    out = fedavg(prompts, n)
     expect = (10 * prompts[0].astype(np.float64) + 30 * prompts[1] + 60 * prompts[2]) / 100
     assert out.shape == (12,) and out.dtype == np.float32
     np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-7)
@@ -25,32 +25,32 @@ def test_fedavg_is_the_sample_weighted_mean():
 
 def test_fedavg_hand_computed():
     prompts = np.array([[1.0, 0.0, 2.0], [3.0, 4.0, -2.0]], np.float32)
-    out = Algorithm.aggregate(prompts, np.array([1, 3]))
+    out = fedavg(prompts, np.array([1, 3]))
     np.testing.assert_allclose(out, [2.5, 3.0, -1.0], rtol=0, atol=1e-7)
 
 
 def test_fedavg_weights_sum_to_one():
     prompts = _prompts(4, seed=1)
     n = np.array([5, 1, 7, 2])
-    out = Algorithm.aggregate(prompts, n)
+    out = fedavg(prompts, n)
     for k in (3, 1000):
-        np.testing.assert_allclose(Algorithm.aggregate(prompts, n * k), out, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(Algorithm.aggregate(prompts, n.astype(np.float32) / 13), out, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(fedavg(prompts, n * k), out, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(fedavg(prompts, n.astype(np.float32) / 13), out, rtol=1e-6, atol=1e-7)
     # identical uploads average to themselves, whatever the counts
     same = np.repeat(prompts[:1], 4, axis=0)
-    np.testing.assert_allclose(Algorithm.aggregate(same, n), prompts[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(fedavg(same, n), prompts[0], rtol=1e-6, atol=1e-7)
     # affine: adding a constant to every upload adds it to the average
-    np.testing.assert_allclose(Algorithm.aggregate(prompts + 2.0, n), out + 2.0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fedavg(prompts + 2.0, n), out + 2.0, rtol=1e-6, atol=1e-6)
 
 
 def test_fedavg_single_client_returns_its_prompt():
     p = _prompts(1, seed=2)
-    np.testing.assert_allclose(Algorithm.aggregate(p, np.array([17])), p[0], rtol=1e-7, atol=0)
+    np.testing.assert_allclose(fedavg(p, np.array([17])), p[0], rtol=1e-7, atol=0)
 
 
 def test_fedavg_zero_count_client_has_no_weight():
     prompts = _prompts(3, seed=3)
-    out = Algorithm.aggregate(prompts, np.array([4, 0, 4]))
+    out = fedavg(prompts, np.array([4, 0, 4]))
     np.testing.assert_allclose(out, (prompts[0] + prompts[2]) / 2, rtol=1e-6, atol=1e-7)
 
 

@@ -52,8 +52,8 @@ def _load(run_dir: Path):
     with h5py.File(run_dir / "results.h5") as f:
         rounds = {k: f["rounds"][k][()] for k in f["rounds"]}
         world = f.attrs["world_size"]
-    with h5py.File(run_dir / "checkpoint.h5") as f:
-        ckpt = {k: f[k][()] for k in f}
+    from pfedmoap import store
+    _, ckpt = store.read_checkpoint(run_dir)
     return rounds, ckpt, world
 
 
@@ -64,7 +64,7 @@ def test_results_identical_at_any_rank_count(runs, ranks):
     assert world == ranks
     for key in ("accuracy", "macro_f1", "loss", "participated", "experts", "gate_weight", "bytes_up", "bytes_down"):
         np.testing.assert_array_equal(rounds[key], ref_rounds[key], err_msg=key)
-    for key in ("client_state", "global_prompt", "pool", "in_pool"):
+    for key in ("clients/state", "server/global_prompt", "server/pool", "server/in_pool"):
         np.testing.assert_array_equal(ckpt[key], ref_ckpt[key], err_msg=key)
 
 
@@ -90,7 +90,7 @@ def test_partial_participation_and_experts(runs):
 
 def test_bytes_match_payload_sizes(runs):
     rounds, ckpt, _ = _load(runs[3])
-    P = ckpt["pool"].shape[1]
+    P = ckpt["server/pool"].shape[1]
     part, ex = rounds["participated"], rounds["experts"]
     up = np.where(part, 4 * (P + 1), 0)                   # prompt row + its sample count
     np.testing.assert_array_equal(rounds["bytes_up"], up)
@@ -172,7 +172,7 @@ def test_a_user_error_on_one_rank_only_ends_every_rank_with_exit_2(tmp_path):
     # one node would): every rank must exit 2, one line is printed, nobody hangs.
     start = time.time()
     p = _run_with_fault_on_rank_2(tmp_path, "u",
-                                  "import pfedmoap.federation as f\n"
+                                  "import pfedmoap.build as f\n"
                                   "from pfedmoap.errors import PFedMoAPError\n"
                                   "def broken(cfg):\n"
                                   "    raise PFedMoAPError('data.root: missing on this node')\n"

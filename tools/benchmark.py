@@ -10,7 +10,7 @@ step    one training step (batch 32, 16 context tokens, one torch thread) on a V
         random-init model: the reference-style step (image tower on the batch + full 77-token text
         encoding) against ours (cached image features + EOS truncation + shared prefix), each fast
         path on its own, and a pFedMoAP step split into text encoding, gating and optimiser step.
-memory  per-client state beyond the shared backbone (Algorithm.state_vector) and the resident
+memory  per-client state beyond the shared backbone (ClientPart.state_vector) and the resident
         memory of one process hosting 1,000 pFedMoAP clients on a ViT-B-32-size backbone.
 round   a configured scenario through the real round loop (federation.Federation with LocalComm):
         seconds per round by phase, peak memory, bytes per round against the payload minimum, and
@@ -260,17 +260,19 @@ def cmd_memory(args) -> None:
     ds = load_dataset(cfg.data)
     part = make_partition(ds, cfg.data, cfg.seed)
     enc = PromptEncoder(bb, ds.classnames, cfg.prompt.n_ctx)
-    algo = algorithms.get("pfedmoap")(cfg, enc, bb)
+    W = bb.model.token_embedding.weight.shape[1] if hasattr(bb.model, "token_embedding") \
+        else bb.model.text.token_embedding.weight.shape[1]
+    method = algorithms.get("pfedmoap")(algorithms.Setup(cfg, args.clients, enc, bb, (cfg.prompt.n_ctx, W)))
+    algo = method.client()
     stages.append(("synthetic data set + partition + encoder", proc_status()))
 
-    probe = algo.init_client(0)
+    probe = algo.init_state(0)
     S = len(algo.state_vector(probe))
-    tensors = [probe.ctx] + list(probe.gating.parameters()) + \
-        [probe.gating_opt.state[p]["momentum_buffer"] for p in probe.gating.parameters()]
+    tensors = algo.state_tensors(probe)
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors)
     ctx_n = probe.ctx.numel()
     g_n = sum(p.numel() for p in probe.gating.parameters())
-    print(f"per-client state (Algorithm.state_vector): {S:,} floats = {4 * S:,} bytes "
+    print(f"per-client state (ClientPart.state_vector): {S:,} floats = {4 * S:,} bytes "
           f"({4 * S / 2**20:.3f} MiB; target < 1 MB: {'met' if 4 * S < 1e6 else 'MISSED'})")
     print(f"  ctx {ctx_n:,} + gating parameters {g_n:,} + momentum buffers {g_n:,} floats; "
           f"measured tensor storage {tensor_bytes:,} bytes")
@@ -291,19 +293,20 @@ def cmd_memory(args) -> None:
     stages.append((f"cached features ({len(ds.train)} train + {len(ds.test)} test x {D}) per client", proc_status()))
     before = proc_status()["VmRSS"]
     t = time.perf_counter()
-    states = {c: algo.init_client(c) for c in range(args.clients)}
+    states = {c: algo.init_state(c) for c in range(args.clients)}
     t_init = time.perf_counter() - t
     after = proc_status()["VmRSS"]
-    stages.append((f"{args.clients} x init_client", proc_status()))
+    stages.append((f"{args.clients} x init_state", proc_status()))
     # one local step for a few clients: autograd peak of the text encoder
     algo.cfg.train.local_epochs = 1
     experts = torch.nn.functional.normalize(torch.randn(cfg.moe.n_experts - 1, len(ds.classnames), D), dim=-1)
     t = time.perf_counter()
     for c in range(min(3, args.clients)):
-        algo.fit(states[c], data[c], 0, c, None, experts)
+        algo._experts[c] = experts         # what prepare() leaves for a client with K-1 experts
+        algo.fit(states[c], data[c], 0, c, {})
     t_fit = time.perf_counter() - t
     stages.append(("after fit() of 3 clients (1 local epoch, K experts)", proc_status()))
-    print(f"init_client x {args.clients}: {t_init:.2f} s; RSS grew {mib(after - before)} = "
+    print(f"init_state x {args.clients}: {t_init:.2f} s; RSS grew {mib(after - before)} = "
           f"{(after - before) / args.clients / 1024:,.1f} KiB per client (state tensors "
           f"{tensor_bytes / 1024:,.1f} KiB + Python/nn.Module/optimiser objects)")
     print(f"fit() of 3 clients: {t_fit:.2f} s")

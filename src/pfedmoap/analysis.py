@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .store import SCHEMA_VERSION, read_results
+from .store import READABLE_RESULTS, SCHEMA_VERSION, read_results
 from .errors import PFedMoAPError
 
 FORMATS = ("table", "csv", "markdown")
@@ -62,7 +62,7 @@ class Run:
 
     @property
     def readable(self) -> bool:
-        return self.attrs.get("schema_version") == SCHEMA_VERSION
+        return self.attrs.get("schema_version") in READABLE_RESULTS
 
     def accuracy_curve(self) -> np.ndarray:
         """(R,) unweighted mean over clients of the accuracy, per round."""
@@ -75,7 +75,7 @@ def load_run(path: str | Path) -> Run:
     data = read_results(path)
     attrs = data["attrs"]
     file = Path(path) / "results.h5" if Path(path).is_dir() else Path(path)
-    if attrs.get("schema_version") != SCHEMA_VERSION:
+    if attrs.get("schema_version") not in READABLE_RESULTS:
         status = f"schema {attrs.get('schema_version')} unsupported"
         return Run(file, attrs, _parse_config(attrs.get("config")), {}, {}, status)
     rounds = data["rounds"]
@@ -183,7 +183,7 @@ def _summarize_group(group: Group) -> Row:
     if not first.readable:
         row.n_rounds = 0  # sizes of another schema are not interpreted
         row.note = (f"{first.path}: schema_version {first.attrs.get('schema_version')}, this "
-                    f"pfedmoap reads {SCHEMA_VERSION}: listed, not summarised")
+                    f"pfedmoap reads {', '.join(map(str, READABLE_RESULTS))}: listed, not summarised")
         return row
     if first.status != "complete":
         row.note = (f"{first.path}: {first.status}, {first.n_done} of {first.n_planned} "

@@ -6,6 +6,7 @@ renamed over the old one: a job killed at any moment leaves the previous file in
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,15 +16,46 @@ import numpy as np
 from . import __version__
 from .errors import PFedMoAPError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # 2: method-declared round logs, checkpoint groups /clients and /server
+READABLE_RESULTS = (1, 2)   # results.h5 of schema 1 hold the same round fields (no method-declared logs)
 RESULTS, CHECKPOINT = "results.h5", "checkpoint.h5"
 
-# per round x client arrays and their fill values
-ROUND_FIELDS = {"accuracy": np.float32, "macro_f1": np.float32, "loss": np.float32,
-                "participated": np.bool_, "experts": np.int32, "gate_weight": np.float32,
-                "domain_accuracy": np.float32,
-                "bytes_up": np.int64, "bytes_down": np.int64, "phase_time": np.float32,
-                "wall_time": np.float32}
+
+@dataclass(frozen=True)
+class Field:
+    dtype: type
+    units: str
+    description: str
+
+
+# The round fields every method has; a method adds its own (algorithms.base.Log).
+ROUND_FIELDS = {
+    "accuracy": Field(np.float32, "fraction", "top-1 accuracy on the client's own test split"),
+    "macro_f1": Field(np.float32, "fraction", "macro-F1 on the client's own test split"),
+    "loss": Field(np.float32, "nats", "mean cross-entropy on the client's own test split"),
+    "participated": Field(np.bool_, "bool", "the client trained in this round (1) or not (0)"),
+    "domain_accuracy": Field(np.float32, "fraction", "accuracy per domain of the client's test split; "
+                             "NaN where it has no image of that domain"),
+    "bytes_up": Field(np.int64, "bytes", "payload bytes the client sent this round"),
+    "bytes_down": Field(np.int64, "bytes", "payload bytes the client received this round"),
+    "phase_time": Field(np.float32, "seconds", "wall seconds per rank and phase (attr phases)"),
+    "wall_time": Field(np.float32, "seconds", "wall seconds of the whole round"),
+}
+
+
+@dataclass
+class RoundRecord:
+    """One round of the log: per client (N,) arrays, per rank timings, the method's own logs."""
+    accuracy: np.ndarray
+    macro_f1: np.ndarray
+    loss: np.ndarray
+    participated: np.ndarray
+    domain_accuracy: np.ndarray          # (N, n_domains)
+    bytes_up: np.ndarray
+    bytes_down: np.ndarray
+    phase_time: np.ndarray               # (ranks, phases)
+    wall_time: float
+    logs: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (N, *shape)
 
 
 def library_versions() -> str:
@@ -41,26 +73,44 @@ def _atomic_write(path: Path, fill) -> None:
 
 
 class Results:
-    """The results log held by rank 0 and rewritten atomically after every round."""
+    """The results log held by rank 0 and rewritten atomically after every round.
 
-    def __init__(self, run_dir: Path, attrs: dict, partition: dict, phases: list[str]):
+    `logs` declares the method's own per-client logs: name -> (dtype, units, description)."""
+
+    def __init__(self, run_dir: Path, attrs: dict, partition: dict, phases: list[str],
+                 logs: dict[str, Field] | None = None):
         self.path = Path(run_dir) / RESULTS
         self.attrs = {"schema_version": SCHEMA_VERSION, "package_version": __version__,
                       "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "rounds_done": 0, "status": "running", **attrs}
         self.partition = partition
         self.phases = phases
-        self.rows: dict[str, list[np.ndarray]] = {k: [] for k in ROUND_FIELDS}
+        self.log_fields = dict(logs or {})
+        self.records: list[RoundRecord] = []
 
-    def append(self, row: dict) -> None:
-        for k in ROUND_FIELDS:
-            self.rows[k].append(np.asarray(row[k], ROUND_FIELDS[k]))
-        self.attrs["rounds_done"] = len(self.rows["accuracy"])
+    def append(self, record: RoundRecord) -> None:
+        if set(record.logs) != set(self.log_fields):
+            raise ValueError(f"round logs {sorted(record.logs)} != declared {sorted(self.log_fields)}")
+        self.records.append(record)
+        self.attrs["rounds_done"] = len(self.records)
 
-    def truncate(self, n_rounds: int) -> None:
-        for k in self.rows:
-            del self.rows[k][n_rounds:]
-        self.attrs["rounds_done"] = n_rounds
+    def add_time(self, seconds: float, phase: str = "write") -> None:
+        """Time rank 0 spent on the last round after it was recorded (writing it)."""
+        rec = self.records[-1]
+        rec.phase_time[0, self.phases.index(phase)] += seconds
+        rec.wall_time += seconds
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every round field stacked over the rounds: name -> (R, ...)."""
+        out = {}
+        if not self.records:
+            return out
+        for k, f in ROUND_FIELDS.items():
+            rows = [np.asarray(getattr(r, k), f.dtype) for r in self.records]
+            out[k] = np.stack(_pad_ranks(rows) if k == "phase_time" else rows)
+        for k, f in self.log_fields.items():
+            out[k] = np.stack([np.asarray(r.logs[k], f.dtype) for r in self.records])
+        return out
 
     def write(self, status: str | None = None) -> None:
         if status:
@@ -76,26 +126,31 @@ class Results:
                 else:
                     g.create_dataset(k, data=v)
             r = f.create_group("rounds")
-            for k, rows in self.rows.items():
-                if rows:
-                    r.create_dataset(k, data=np.stack(_pad_ranks(rows) if k == "phase_time" else rows))
+            info = {**ROUND_FIELDS, **self.log_fields}
+            for k, v in self.columns().items():
+                ds = r.create_dataset(k, data=v)
+                ds.attrs["units"] = info[k].units
+                ds.attrs["description"] = info[k].description
             if "phase_time" in r:
                 r["phase_time"].attrs["phases"] = self.phases
         _atomic_write(self.path, fill)
 
     @classmethod
-    def reopen(cls, run_dir: Path, n_rounds: int) -> "Results":
+    def reopen(cls, run_dir: Path, n_rounds: int, logs: dict[str, Field] | None = None) -> "Results":
         """The log of a run being resumed, cut back to its first `n_rounds` rounds."""
         data = read_results(run_dir)
-        res = cls.__new__(cls)
-        res.path = Path(run_dir) / RESULTS
+        res = cls(run_dir, {}, dict(data["partition"]), [], logs)
         res.attrs = dict(data["attrs"])
-        res.partition = dict(data["partition"])
-        res.phases = list(data["rounds"].pop("phases", []))
-        res.rows = {k: list(data["rounds"].get(k, np.empty((0,))))[:n_rounds] for k in ROUND_FIELDS}
-        if len(res.rows["accuracy"]) < n_rounds:
-            raise PFedMoAPError(f"{res.path}: holds {len(res.rows['accuracy'])} rounds but the checkpoint "
-                                f"{n_rounds}; the run directory is inconsistent")
+        cols = data["rounds"]
+        res.phases = list(cols.pop("phases", []))
+        have = len(cols.get("accuracy", ()))
+        if have < n_rounds:
+            raise PFedMoAPError(f"{res.path}: holds {have} rounds but the checkpoint {n_rounds}; "
+                                f"the run directory is inconsistent")
+        for i in range(n_rounds):
+            res.records.append(RoundRecord(**{k: cols[k][i] for k in ROUND_FIELDS if k != "wall_time"},
+                                           wall_time=float(cols["wall_time"][i]),
+                                           logs={k: cols[k][i] for k in res.log_fields}))
         res.attrs["rounds_done"] = n_rounds
         res.attrs["status"] = "running"
         return res
@@ -143,7 +198,7 @@ def read_results(path: str | Path) -> dict:
         with h5py.File(file, "r", locking=False) as h5:
             attrs = {key: _plain(value) for key, value in h5.attrs.items()}
             missing = [key for key in REQUIRED_ATTRS if key not in attrs]
-            if "schema_version" in attrs and attrs["schema_version"] != SCHEMA_VERSION:
+            if "schema_version" in attrs and attrs["schema_version"] not in READABLE_RESULTS:
                 missing = []
             if missing:
                 raise PFedMoAPError(f"{file}: missing root attribute(s) {', '.join(missing)}; "
@@ -185,6 +240,7 @@ def _plain(value):
 
 def write_checkpoint(run_dir: Path, round_: int, config_toml: str, config_hash: str,
                      arrays: dict[str, np.ndarray]) -> None:
+    """arrays: path inside the file (e.g. "clients/state", "server/pool") -> array."""
     def fill(f):
         f.attrs.update({"schema_version": SCHEMA_VERSION, "kind": "pfedmoap-checkpoint",
                         "config": config_toml, "config_hash": config_hash, "round": round_,
@@ -195,7 +251,7 @@ def write_checkpoint(run_dir: Path, round_: int, config_toml: str, config_hash: 
 
 
 def read_checkpoint(run_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(attributes, arrays); a corrupt, truncated or foreign file is one clear error."""
+    """(attributes, {path: array}); a corrupt, truncated, foreign or older file is one clear error."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise PFedMoAPError(f"{run_dir}: no {CHECKPOINT} to resume from")
@@ -206,8 +262,11 @@ def read_checkpoint(run_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
                 raise PFedMoAPError(f"{path}: not a pfedmoap checkpoint")
             if attrs.get("schema_version") != SCHEMA_VERSION:
                 raise PFedMoAPError(f"{path}: checkpoint schema version {attrs.get('schema_version')}, "
-                                    f"this pfedmoap reads version {SCHEMA_VERSION}")
-            arrays = {k: f[k][()] for k in f}
+                                    f"this pfedmoap reads version {SCHEMA_VERSION}; finish that run with the "
+                                    f"pfedmoap version that wrote it ({attrs.get('package_version', '?')})")
+            arrays = {}
+            f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
+                         if isinstance(obj, h5py.Dataset) else None)
     except (OSError, KeyError, ValueError) as e:
         raise PFedMoAPError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
     return attrs, arrays
@@ -215,3 +274,40 @@ def read_checkpoint(run_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def has_run(run_dir: Path) -> bool:
     return (Path(run_dir) / RESULTS).exists() or (Path(run_dir) / CHECKPOINT).exists()
+
+
+IF_EXISTS = ("refuse", "resume", "overwrite")
+
+
+def open_run(run_dir: Path, if_exists: str, config_hash: str,
+             expected: dict[str, tuple[int, ...]]) -> tuple[int, dict[str, np.ndarray] | None]:
+    """The run-directory policy (rank 0): (rounds already done, checkpoint arrays or None).
+
+    refuse: a directory that holds a run is an error; overwrite: its results and checkpoint go;
+    resume: its checkpoint must come from the same configuration and hold arrays of the `expected`
+    shapes (path -> shape), else one clear error before anything is computed."""
+    run_dir = Path(run_dir)
+    if if_exists not in IF_EXISTS:
+        raise PFedMoAPError(f"--if-exists {if_exists!r}: expected one of {', '.join(IF_EXISTS)}")
+    start, ckpt = 0, None
+    if has_run(run_dir):
+        if if_exists == "refuse":
+            raise PFedMoAPError(f"--out {run_dir}: already holds a run; pass --if-exists resume or "
+                                f"overwrite, or choose another directory")
+        if if_exists == "overwrite":
+            for name in (RESULTS, CHECKPOINT):
+                (run_dir / name).unlink(missing_ok=True)
+        elif (run_dir / CHECKPOINT).exists():
+            attrs, arrays = read_checkpoint(run_dir)
+            file = run_dir / CHECKPOINT
+            if attrs["config_hash"] != config_hash:
+                raise PFedMoAPError(f"{file}: written by a different configuration (config hash "
+                                    f"{attrs['config_hash']} != {config_hash}); refusing to resume")
+            for key, shape in expected.items():
+                got = arrays.get(key)
+                if got is None or got.shape != tuple(shape):
+                    raise PFedMoAPError(f"{file}: {key} has shape {None if got is None else got.shape}, "
+                                        f"this run expects {tuple(shape)} (a checkpoint of another run?)")
+            start, ckpt = int(attrs["round"]), arrays
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return start, ckpt

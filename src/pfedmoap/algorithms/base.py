@@ -1,20 +1,95 @@
-"""The small interface every method implements (as Flower's strategy hooks).
+"""The method interface: what a method declares, its server part and its client part.
 
-Client side: `init_client`, `start_round`, `fit`, `text_features`, `logits`; server side:
-`aggregate`. The round loop (federation.py) owns everything else: who trains, what travels, logging.
-An algorithm sees clients and tensors, never ranks.
+A method is one module that registers one `Method` subclass (see docs/methods.md for a worked
+example). It declares, on every rank alike,
+
+- the arrays it moves (`arrays()`): rows of `width` values that go down to clients before training
+  (`fit_down`), up from the round's participants (`up`) and down again before evaluation
+  (`eval_down`); a `broadcast` array is one row for every recipient (one Bcast), any other array
+  gives each client its own number of rows (one Scatterv / Gatherv per array per round);
+- the per-client values it logs each round (`logs()`), written to results.h5 under `/rounds/<name>`;
+
+and it brings two parts, as Flower's strategy and client, or FedLab's handlers:
+
+- `Server` (rank 0): everything the server keeps for the method; it picks the round's
+  participants and turns their uploads into the next downloads;
+- `Client` (every rank hosting clients; one object per rank, many client states): builds, trains
+  and evaluates a client's state given that client's downloads, and flattens the state for
+  checkpoints.
+
+The round loop (federation.py) moves the arrays, counts their bytes, times and logs; it never sees
+what they mean. Nothing here knows about ranks.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import rng
+from .. import dp, rng
 
+
+# ---------------------------------------------------------------------------- declarations
+
+@dataclass(frozen=True)
+class Array:
+    """One kind of array a method moves; `width` values per row."""
+    name: str
+    width: int
+    dtype: str = "float32"          # float32 | int32
+    broadcast: bool = False         # the same row for every recipient (Bcast) vs rows per client
+
+
+@dataclass(frozen=True)
+class Arrays:
+    fit_down: tuple[Array, ...] = ()    # server -> clients, before training
+    up: tuple[Array, ...] = ()          # participants -> server, one row each, after training
+    eval_down: tuple[Array, ...] = ()   # server -> clients, before evaluation
+
+
+@dataclass(frozen=True)
+class Log:
+    """A value logged per client and round under /rounds/<name>; shape (R, N, *shape)."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    fill: float = float("nan")      # clients without a value this round
+    side: str = "client"            # "client": returned by Client.evaluate; "server": Server.logs
+    description: str = ""
+
+
+@dataclass
+class Broadcast:
+    """A payload: `row` for every client in `to` (a (N,) bool mask)."""
+    row: np.ndarray
+    to: np.ndarray
+
+
+@dataclass
+class PerClient:
+    """A payload: client c receives counts[c] rows; `rows` holds them client by client."""
+    rows: np.ndarray
+    counts: np.ndarray
+
+
+@dataclass
+class Setup:
+    """What both parts are built from (the same on every rank)."""
+    cfg: object                      # config.Config
+    n_clients: int
+    encoder: object                  # clip.prompt.PromptEncoder
+    backbone: object                 # clip.backbone.Backbone
+    ctx_shape: tuple[int, int]       # (n_ctx, width) of one prompt
+
+    @property
+    def prompt_size(self) -> int:
+        return int(np.prod(self.ctx_shape))
+
+
+# ---------------------------------------------------------------------------- client data and results
 
 @dataclass
 class ClientData:
@@ -26,20 +101,12 @@ class ClientData:
 
 
 @dataclass
-class ClientState:
-    """Everything a client keeps between rounds. Only `ctx` may ever leave the client."""
-    ctx: torch.Tensor                   # (n_ctx, W), on the CPU (small; the encoder moves it)
-    gating: torch.nn.Module | None = None   # on the backbone's device
-    gating_opt: torch.optim.Optimizer | None = None
-
-
-@dataclass
 class EvalResult:
     accuracy: float
     macro_f1: float
     loss: float
-    gate_weight: np.ndarray | None = None   # (K,) mean gating weight per expert, local first
     correct: np.ndarray | None = None       # (n_test,) bool: each test image classified right
+    logs: dict[str, np.ndarray] = field(default_factory=dict)   # the method's client-side logs
 
 
 def macro_f1(pred: np.ndarray, true: np.ndarray) -> float:
@@ -52,36 +119,126 @@ def macro_f1(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
-class Algorithm:
-    name = ""
-    trains = True             # zeroshot: evaluation only
-    shares_prompt = True      # clients upload prompts and the server averages them
-    uses_experts = False      # the server routes non-local experts to each client
-    eval_with_global = False  # evaluated with the global prompt instead of the local one
+def fedavg(prompts: np.ndarray, n_samples: np.ndarray) -> np.ndarray:
+    """FedAvg: the sample-count-weighted mean of the uploaded prompts (rows)."""
+    w = n_samples.astype(np.float64) / n_samples.sum()
+    return (w @ prompts.astype(np.float64)).astype(np.float32)
 
-    def __init__(self, cfg, encoder, backbone):
-        self.cfg, self.encoder, self.backbone = cfg, encoder, backbone
-        self.logit_scale = backbone.logit_scale
 
-    # ------------------------------------------------------------------ client side
-    def init_client(self, cid: int) -> ClientState:
+def sample_participants(seed: int, round_: int, n_clients: int, frac: float) -> np.ndarray:
+    """The round's participants (sorted client ids), a pure function of the seed and the round."""
+    m = max(1, int(round(frac * n_clients)))
+    if m >= n_clients:
+        return np.arange(n_clients)
+    return np.sort(rng.numpy_rng(seed, "participants", round_).choice(n_clients, m, replace=False))
+
+
+# ---------------------------------------------------------------------------- the two parts
+
+class ServerPart:
+    """Rank 0's side. The default: every round a `train.frac` sample of clients trains, nothing moves."""
+
+    def __init__(self, method: "Method"):
+        self.method, self.cfg, self.n_clients = method, method.cfg, method.setup.n_clients
+
+    def participants(self, round_: int) -> np.ndarray:
+        return sample_participants(self.cfg.seed, round_, self.n_clients, self.cfg.train.frac)
+
+    def configure_fit(self, round_: int, participants: np.ndarray) -> dict[str, Broadcast | PerClient]:
+        """Payloads of the `fit_down` arrays; an array left out is not sent this round."""
+        return {}
+
+    def aggregate_fit(self, round_: int, participants: np.ndarray, uploads: dict[str, np.ndarray]) -> None:
+        """uploads[name]: (len(participants), width) rows, in participant order."""
+
+    def configure_evaluate(self, round_: int) -> dict[str, Broadcast | PerClient]:
+        return {}
+
+    def logs(self) -> dict[str, np.ndarray]:
+        """The round's server-side logs, (N, *shape) each."""
+        return {}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        pass
+
+
+@dataclass
+class PromptState:
+    """A client's CoOp prompt; the other parts of a client's state extend it."""
+    ctx: torch.Tensor                   # (n_ctx, W), on the CPU (small; the encoder moves it)
+
+
+class ClientPart:
+    """One per rank: builds, trains and evaluates the states of the clients this rank hosts.
+
+    The default is a CoOp client: one prompt, trained with cross-entropy on its images, evaluated
+    with its own prompt's text features (cached until the prompt changes)."""
+
+    def __init__(self, method: "Method"):
+        s = method.setup
+        self.method, self.cfg = method, method.cfg
+        self.encoder, self.backbone, self.ctx_shape = s.encoder, s.backbone, s.ctx_shape
+        self.logit_scale = s.backbone.logit_scale
+        self._text: dict[int, torch.Tensor] = {}     # evaluation text features of unchanged prompts
+
+    # -------------------------------------------------------------- state
+    def init_state(self, cid: int) -> PromptState:
         from ..clip.prompt import init_context
         # One initial prompt for every client, as a server would broadcast it: a client's prompt
         # differs from another's only by what it learned.
         gen = rng.torch_generator(self.cfg.seed, "ctx-init")
-        return ClientState(ctx=init_context(self.backbone, self.cfg.prompt.n_ctx, self.cfg.prompt.init, gen))
+        return PromptState(ctx=init_context(self.backbone, self.cfg.prompt.n_ctx, self.cfg.prompt.init, gen))
 
-    def start_round(self, state: ClientState, global_prompt: torch.Tensor | None) -> None:
-        """Called before training; federated methods start from the global prompt."""
-        if global_prompt is not None:
-            state.ctx = global_prompt.clone()
+    def state_vector(self, state) -> np.ndarray:
+        """Everything the client keeps, flat float32 (for checkpoints)."""
+        return torch.cat([p.detach().reshape(-1).cpu() for p in self.state_tensors(state)]).numpy().astype(np.float32)
 
-    def penalty(self, ctx: torch.Tensor, global_prompt: torch.Tensor | None) -> torch.Tensor | float:
-        return 0.0
+    def load_state_vector(self, state, vec: np.ndarray) -> None:
+        v = torch.from_numpy(np.asarray(vec, np.float32))
+        n = 0
+        for t in self.state_tensors(state):
+            with torch.no_grad():
+                t.copy_(v[n:n + t.numel()].reshape(t.shape))
+            n += t.numel()
+        self._text.clear()
 
-    def logits(self, state: ClientState, x: torch.Tensor, text: torch.Tensor):
-        """x (B, D) image features; text (K, C, D), local first. -> (logits, gating weights or None)."""
-        return self.logit_scale * x @ text[0].t(), None
+    def state_tensors(self, state) -> list[torch.Tensor]:
+        """The tensors `state_vector` flattens, in order (copied into in place when loading)."""
+        return [state.ctx]
+
+    # -------------------------------------------------------------- a round
+    def prepare(self, round_: int, downloads: dict[int, dict[str, np.ndarray]]) -> None:
+        """Work shared by this rank's clients on an exchange's downloads (e.g. encode each expert once)."""
+
+    def fit(self, state, data: ClientData, round_: int, cid: int, down: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Train on the client's data given its downloads; returns its uploads (one row per `up` array)."""
+        self.train_prompt(state, data, round_, cid)
+        return {}
+
+    def evaluate(self, state, data: ClientData, round_: int, cid: int, down: dict[str, np.ndarray]) -> EvalResult:
+        text = self.own_text(state, cid).unsqueeze(0)
+        return self.score(data, lambda x: (self.logit_scale * x @ text[0].t(), None))
+
+    # -------------------------------------------------------------- shared machinery
+    def prompt(self, row: np.ndarray) -> torch.Tensor:
+        """A downloaded prompt row as a (n_ctx, W) tensor."""
+        return torch.from_numpy(np.array(row, np.float32)).reshape(self.ctx_shape)
+
+    def upload_prompt(self, ctx: torch.Tensor, round_: int, cid: int) -> np.ndarray:
+        """The copy of a prompt that leaves the client: clipped and noised when dp is on."""
+        d = self.cfg.dp
+        return dp.privatize(ctx.reshape(-1).cpu().numpy(), d.clip, d.noise_multiplier,
+                            rng.numpy_rng(self.cfg.seed, "dp", round_, cid))
+
+    def own_text(self, state, cid: int) -> torch.Tensor:
+        """(C, D) text features of the client's prompt; a client that did not train keeps them."""
+        if cid not in self._text:
+            with torch.no_grad():
+                self._text[cid] = self.encoder(state.ctx)
+        return self._text[cid]
 
     def lr_at(self, epoch: int) -> float:
         """Constant warm-up, then cosine over the round's local epochs (CoOp's schedule)."""
@@ -90,12 +247,17 @@ class Algorithm:
             return t.warmup_lr
         return 0.5 * t.lr * (1 + math.cos(math.pi * (epoch - t.warmup_epochs) / t.local_epochs))
 
-    def fit(self, state: ClientState, data: ClientData, round_: int, cid: int,
-            global_prompt: torch.Tensor | None, experts: torch.Tensor | None) -> float:
-        """Local training; `experts` (E, C, D) are frozen expert text features. Returns mean loss."""
+    def train_prompt(self, state, data: ClientData, round_: int, cid: int, *, logits=None, penalty=None,
+                     others: tuple[torch.optim.Optimizer, ...] = ()) -> float:
+        """CoOp's local training of `state.ctx`: SGD with the warm-up + cosine schedule, batches
+        drawn by (seed, round, client). logits(ctx_text (C, D), x) -> (B, C) logits (default: CLIP's);
+        penalty(ctx) adds to the loss; `others` are optimisers stepped with the prompt's.
+        Returns the mean loss (NaN for a client without training images)."""
         t = self.cfg.train
-        if len(data.train_y) == 0:       # a client with no training images keeps its state
+        self._text.pop(cid, None)           # its prompt changes
+        if len(data.train_y) == 0:          # a client with no training images keeps its state
             return float("nan")
+        logits = logits or (lambda text, x: self.logit_scale * x @ text.t())
         ctx = state.ctx.clone().requires_grad_(True)
         opt = torch.optim.SGD([ctx], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         gen = rng.torch_generator(self.cfg.seed, "batches", round_, cid)
@@ -112,78 +274,66 @@ class Algorithm:
                 x_all = data.train_views[view, torch.arange(n)]
             for start in range(0, n - bs + 1, bs):        # drop the last partial batch, as CoOp does
                 idx = perm[start:start + bs]
-                feats = self.encoder(ctx).unsqueeze(0)
-                text = feats if experts is None or len(experts) == 0 else torch.cat([feats, experts])
-                logits, _ = self.logits(state, x_all[idx], text)
-                loss = F.cross_entropy(logits, data.train_y[idx]) + self.penalty(ctx, global_prompt)
+                loss = F.cross_entropy(logits(self.encoder(ctx), x_all[idx]), data.train_y[idx])
+                if penalty is not None:
+                    loss = loss + penalty(ctx)
                 opt.zero_grad(set_to_none=True)
-                if state.gating_opt is not None:
-                    state.gating_opt.zero_grad(set_to_none=True)
+                for o in others:
+                    o.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if state.gating_opt is not None:
-                    state.gating_opt.step()
+                for o in others:
+                    o.step()
                 losses.append(float(loss.detach()))
         state.ctx = ctx.detach()
         return float(np.mean(losses)) if losses else float("nan")
 
-    def text_features(self, state: ClientState, global_prompt: torch.Tensor | None) -> torch.Tensor:
-        """(C, D) features of the prompt this client is evaluated with."""
-        use = global_prompt if (self.eval_with_global and global_prompt is not None) else state.ctx
-        with torch.no_grad():
-            return self.encoder(use)
-
     @torch.no_grad()
-    def evaluate(self, state: ClientState, data: ClientData, text: torch.Tensor) -> EvalResult:
-        """text (K, C, D): the client's own features first, then its experts'."""
+    def score(self, data: ClientData, logits_fn, weights_sum: bool = False) -> EvalResult:
+        """Accuracy, macro-F1 and loss of `logits_fn(x) -> (logits (B, C), gating weights (B, C, K) or None)`
+        on the client's test split; with gating weights, logs their mean per expert as `gate_weight`."""
         preds, losses, weights = [], [], []
-        if state.gating is not None:
-            state.gating.eval()
         bs = self.cfg.train.eval_batch_size
         for start in range(0, len(data.test_y), bs):
             x, y = data.test_x[start:start + bs], data.test_y[start:start + bs]
-            logits, w = self.logits(state, x, text)
+            logits, w = logits_fn(x)
             preds.append(logits.argmax(-1))
             losses.append(F.cross_entropy(logits, y, reduction="sum"))
             if w is not None:
                 weights.append(w.sum(dim=(0, 1)) / w.shape[1])
-        if state.gating is not None:
-            state.gating.train()
         n = len(data.test_y)
         if n == 0:
             return EvalResult(float("nan"), float("nan"), float("nan"), correct=np.zeros(0, bool))
         pred = torch.cat(preds).cpu().numpy()
         true = data.test_y.cpu().numpy()
-        gw = (torch.stack(weights).sum(0) / n).cpu().numpy() if weights else None
-        return EvalResult(float((pred == true).mean()), macro_f1(pred, true), float(sum(losses)) / n, gw,
-                          pred == true)
+        res = EvalResult(float((pred == true).mean()), macro_f1(pred, true), float(sum(losses)) / n, pred == true)
+        if weights:
+            res.logs["gate_weight"] = (torch.stack(weights).sum(0) / n).cpu().numpy()
+        return res
 
-    # ------------------------------------------------------------------ server side
-    @staticmethod
-    def aggregate(prompts: np.ndarray, n_samples: np.ndarray) -> np.ndarray:
-        """FedAvg: the sample-count-weighted mean of the uploaded prompts (rows)."""
-        w = n_samples.astype(np.float64) / n_samples.sum()
-        return (w @ prompts.astype(np.float64)).astype(np.float32)
 
-    # ------------------------------------------------------------------ checkpoints
-    def state_vector(self, state: ClientState) -> np.ndarray:
-        """Everything the client keeps, flat (its ctx, gating and optimiser state)."""
-        parts = [state.ctx]
-        if state.gating is not None:
-            parts += list(state.gating.parameters())
-            parts += [state.gating_opt.state[p]["momentum_buffer"] for p in state.gating.parameters()]
-        return torch.cat([p.detach().reshape(-1).cpu() for p in parts]).numpy().astype(np.float32)
+# ---------------------------------------------------------------------------- the method
 
-    def load_state_vector(self, state: ClientState, vec: np.ndarray) -> None:
-        v = torch.from_numpy(np.asarray(vec, np.float32))
-        n = state.ctx.numel()
-        state.ctx = v[:n].reshape(state.ctx.shape).clone()
-        if state.gating is not None:
-            params = list(state.gating.parameters())
-            with torch.no_grad():
-                for p in params:
-                    p.copy_(v[n:n + p.numel()].reshape(p.shape))
-                    n += p.numel()
-            for p in params:
-                state.gating_opt.state[p]["momentum_buffer"].copy_(v[n:n + p.numel()].reshape(p.shape))
-                n += p.numel()
+class Method:
+    """A registered method: its declarations and its two parts (`Server`, `Client` classes)."""
+    name = ""
+    Server: type[ServerPart] = ServerPart
+    Client: type[ClientPart] = ClientPart
+
+    def __init__(self, setup: Setup):
+        self.setup, self.cfg = setup, setup.cfg
+
+    def rounds(self) -> int:
+        return self.cfg.rounds
+
+    def arrays(self) -> Arrays:
+        return Arrays()
+
+    def logs(self) -> tuple[Log, ...]:
+        return ()
+
+    def server(self) -> ServerPart:
+        return self.Server(self)
+
+    def client(self) -> ClientPart:
+        return self.Client(self)

@@ -1,35 +1,103 @@
-"""CoOp-based baselines: `local` (no communication), `promptfl` (FedAvg of ctx), `fedprox`."""
+"""CoOp-based baselines: `local` (no communication), `promptfl` (FedAvg of the prompt), `fedprox`."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import register
-from .base import Algorithm, ClientState
+from .base import Array, Arrays, Broadcast, ClientPart, Method, ServerPart, fedavg
 
 
 @register
-class Local(Algorithm):
-    """CoOp on each client alone: nothing is sent, the prompt never leaves."""
+class Local(Method):
+    """CoOp on each client alone: nothing is sent, the prompt never leaves (CoOp, Zhou et al. 2022)."""
     name = "local"
-    shares_prompt = False
 
-    def start_round(self, state: ClientState, global_prompt: torch.Tensor | None) -> None:
-        pass
+
+class PromptFLServer(ServerPart):
+    """Keeps the global prompt: sends it to the participants, FedAvgs their uploads, and sends the
+    result to every client for evaluation."""
+
+    def __init__(self, method):
+        super().__init__(method)
+        self.global_prompt: np.ndarray | None = None
+
+    def configure_fit(self, round_, participants):
+        if self.global_prompt is None:
+            return {}
+        return {"global_prompt": Broadcast(self.global_prompt, _mask(self.n_clients, participants))}
+
+    def aggregate_fit(self, round_, participants, uploads):
+        self.global_prompt = fedavg(uploads["prompt"], uploads["n_samples"][:, 0])
+
+    def configure_evaluate(self, round_):
+        return {"global_prompt": Broadcast(self.global_prompt, np.ones(self.n_clients, bool))}
+
+    def state_dict(self):
+        return {"global_prompt": np.zeros(0, np.float32) if self.global_prompt is None else self.global_prompt}
+
+    def load_state_dict(self, state):
+        g = state["global_prompt"]
+        self.global_prompt = np.array(g, np.float32) if len(g) else None
+
+
+class PromptFLClient(ClientPart):
+    """Starts from the global prompt, trains, uploads its prompt; evaluated with the new global one."""
+
+    def __init__(self, method):
+        super().__init__(method)
+        self._global_text: tuple[int, torch.Tensor] | None = None
+
+    def fit(self, state, data, round_, cid, down):
+        if "global_prompt" in down:
+            state.ctx = self.prompt(down["global_prompt"])
+        self.train_prompt(state, data, round_, cid, penalty=self.penalty(down))
+        return {"prompt": self.upload_prompt(state.ctx, round_, cid), "n_samples": [len(data.train_y)]}
+
+    def penalty(self, down):
+        return None
+
+    def evaluate(self, state, data, round_, cid, down):
+        if self._global_text is None or self._global_text[0] != round_:     # once per rank and round
+            with torch.no_grad():
+                self._global_text = (round_, self.encoder(self.prompt(down["global_prompt"])))
+        text = self._global_text[1]
+        return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
+
+
+def prompt_exchange(P: int, evaluate_global: bool) -> Arrays:
+    """The arrays of a prompt-averaging method: the global prompt down, prompt + sample count up."""
+    g = Array("global_prompt", P, broadcast=True)
+    return Arrays(fit_down=(g,), up=(Array("prompt", P), Array("n_samples", 1)),
+                  eval_down=(g,) if evaluate_global else ())
+
+
+def _mask(n: int, ids: np.ndarray) -> np.ndarray:
+    m = np.zeros(n, bool)
+    m[ids] = True
+    return m
 
 
 @register
-class PromptFL(Algorithm):
-    """FedAvg of the context vectors; every client is evaluated with the global prompt."""
+class PromptFL(Method):
+    """FedAvg of the context vectors (PromptFL, Guo et al. 2023)."""
     name = "promptfl"
-    eval_with_global = True
+    Server, Client = PromptFLServer, PromptFLClient
+
+    def arrays(self) -> Arrays:
+        return prompt_exchange(self.setup.prompt_size, evaluate_global=True)
+
+
+class FedProxClient(PromptFLClient):
+    def penalty(self, down):
+        if "global_prompt" not in down:
+            return None
+        anchor, mu = self.prompt(down["global_prompt"]), self.cfg.fedprox.mu
+        return lambda ctx: 0.5 * mu * (ctx - anchor).pow(2).sum()
 
 
 @register
 class FedProx(PromptFL):
-    """PromptFL plus the proximal term mu/2 * ||ctx - ctx_global||^2."""
+    """PromptFL plus the proximal term mu/2 * ||ctx - ctx_global||^2 (FedProx, Li et al. 2020)."""
     name = "fedprox"
-
-    def penalty(self, ctx: torch.Tensor, global_prompt: torch.Tensor | None):
-        if global_prompt is None:
-            return 0.0
-        return 0.5 * self.cfg.fedprox.mu * (ctx - global_prompt).pow(2).sum()
+    Client = FedProxClient

@@ -1,27 +1,33 @@
-"""`zeroshot`: the frozen CLIP with the hand prompt ("a photo of a {}."); nothing trains."""
+"""`zeroshot`: the frozen CLIP with the hand prompt ("a photo of a {}."); nothing trains or moves."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import register
-from .base import Algorithm, ClientState
+from .base import ClientPart, Method, PromptState, ServerPart
+
+
+class Server(ServerPart):
+    def participants(self, round_: int) -> np.ndarray:
+        return np.zeros(0, np.int64)
+
+
+class Client(ClientPart):
+    def init_state(self, cid: int) -> PromptState:
+        return PromptState(ctx=torch.zeros(0))
+
+    def own_text(self, state, cid: int) -> torch.Tensor:
+        if "hand" not in self._text:     # the same for every client: encoded once per rank
+            names = self.encoder.classnames
+            self._text["hand"] = self.backbone.encode_texts([self.cfg.prompt.template.format(c) for c in names])
+        return self._text["hand"]
 
 
 @register
-class ZeroShot(Algorithm):
+class ZeroShot(Method):
     name = "zeroshot"
-    trains = False
-    shares_prompt = False
+    Server, Client = Server, Client
 
-    def __init__(self, cfg, encoder, backbone):
-        super().__init__(cfg, encoder, backbone)
-        self._text = None
-
-    def init_client(self, cid: int) -> ClientState:
-        return ClientState(ctx=torch.zeros(0))
-
-    def text_features(self, state: ClientState, global_prompt) -> torch.Tensor:
-        if self._text is None:   # the same for every client: encoded once per rank
-            names = self.encoder.classnames
-            self._text = self.backbone.encode_texts([self.cfg.prompt.template.format(c) for c in names])
-        return self._text
+    def rounds(self) -> int:
+        return 1

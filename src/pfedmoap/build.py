@@ -1,0 +1,118 @@
+"""Everything a run is built from, before its first round: data set, partition, placement of clients
+on ranks, frozen backbone and prompt encoder, the method, and each hosted client's image features.
+
+Errors here are the user's (a missing data root or weight file, perhaps on one node only): the
+ranks agree on them (comm.agree) so that every rank stops with one line, never a hang.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import algorithms, comm as comm_mod, rng
+from .clip.backbone import Backbone
+from .clip.prompt import PromptEncoder, context_length, init_context
+from .config import Config
+from .data import features as feature_cache
+from .data.datasets import load_dataset
+from .data.partition import make_partition
+from .errors import PFedMoAPError
+
+
+class Build:
+    def __init__(self, cfg: Config, comm):
+        self.cfg, self.comm = cfg, comm
+        torch.set_num_threads(cfg.run.threads or (1 if comm.size > 1 else torch.get_num_threads()))
+        error = None
+        try:
+            self._inputs()
+        except PFedMoAPError as e:   # e.g. a data root or weight file missing on one node only
+            error = e
+        comm_mod.agree(comm, error)
+        self.data = self._client_data()
+
+    def _inputs(self) -> None:
+        cfg, comm = self.cfg, self.comm
+        self.dataset = load_dataset(cfg.data)
+        self.partition = make_partition(self.dataset, cfg.data, cfg.seed)
+        self.N = len(self.partition.train)
+        self.n_train = np.array([len(t) for t in self.partition.train], np.int64)
+        self.owner = comm_mod.place_clients(self.n_train, comm.size)
+        self.mine = np.flatnonzero(self.owner == comm.rank)
+        method_cls = algorithms.get(cfg.algorithm)
+        m = cfg.model
+        self.backbone = Backbone(m.name, m.pretrained, m.device, m.precision, rng.key(cfg.seed, "backbone-init"))
+        n_ctx = context_length(cfg.prompt.n_ctx, cfg.prompt.init, self.backbone)
+        self.encoder = PromptEncoder(self.backbone, self.dataset.classnames, n_ctx,
+                                     truncate=cfg.run.truncate_eos, shared_prefix=cfg.run.shared_prefix)
+        ctx_shape = tuple(init_context(self.backbone, cfg.prompt.n_ctx, cfg.prompt.init, torch.Generator()).shape)
+        setup = algorithms.Setup(cfg, self.N, self.encoder, self.backbone, ctx_shape)
+        self.method = method_cls(setup)
+        self.client = self.method.client()
+        self.state_size = len(self.client.state_vector(self.client.init_state(0)))
+
+    def _client_data(self) -> dict[int, algorithms.ClientData]:
+        d = self.cfg.data
+        feats = self._image_features()
+        dev = self.backbone.device
+        out = {}
+        for c in self.mine:
+            tr, te = self.partition.train[c], self.partition.test[c]
+            out[int(c)] = algorithms.ClientData(
+                torch.from_numpy(feats["train"][tr]).to(dev), torch.from_numpy(self.dataset.train.labels[tr]).to(dev),
+                torch.from_numpy(feats["test"][te]).to(dev), torch.from_numpy(self.dataset.test.labels[te]).to(dev),
+                torch.from_numpy(np.stack([feats[f"view{v}"][tr] for v in range(d.augment_views)])).to(dev)
+                if d.augment_views else None)
+        return out
+
+    def _image_features(self) -> dict[str, np.ndarray]:
+        """Frozen image features, computed once per image (and augmented view); cached in HDF5 when
+        data.cache_dir is set, else computed by each rank for its own clients only."""
+        jobs = [("train", None), ("test", None)] + [("train", v) for v in range(self.cfg.data.augment_views)]
+        out = {}
+        for split, view in jobs:
+            images = getattr(self.dataset, split)
+            if self.cfg.data.cache_dir:
+                key = feature_cache.cache_key(self.backbone, self.dataset, split, view)
+                path = feature_cache.cache_path(self.cfg.data.cache_dir, key)
+                if self.comm.rank == 0 and feature_cache.read(path, len(images), self.backbone.embed_dim) is None:
+                    feature_cache.write(path, feature_cache.compute(self.backbone, images, view=view))
+                self.comm.barrier()
+                x = feature_cache.read(path, len(images), self.backbone.embed_dim)
+                if x is None:   # only this rank: a traceback and an abort, not a hang
+                    raise RuntimeError(f"feature cache {path} is not readable from rank {self.comm.rank} "
+                                       f"(data.cache_dir on a file system the ranks do not share?)")
+            else:
+                idx = np.concatenate([getattr(self.partition, split)[c] for c in self.mine] + [np.zeros(0, np.int64)])
+                x = feature_cache.compute(self.backbone, images, idx, view=view)
+            out[split if view is None else f"view{view}"] = x
+        return out
+
+    def partition_arrays(self) -> dict:
+        """The split as results.h5 records it (/partition)."""
+        C, N, ds = self.dataset.n_classes, self.N, self.dataset
+        tr_owner = np.full(len(ds.train), -1, np.int32)
+        te_owner = np.full(len(ds.test), -1, np.int32)
+        counts = np.zeros((N, C), np.int32)
+        test_counts = np.zeros((N, C), np.int32)
+        for c in range(N):
+            tr, te = self.partition.train[c], self.partition.test[c]
+            tr_owner[tr], te_owner[te] = c, c
+            counts[c] = np.bincount(ds.train.labels[tr], minlength=C)
+            test_counts[c] = np.bincount(ds.test.labels[te], minlength=C)
+        return {"train_client": tr_owner, "test_client": te_owner, "class_counts": counts,
+                "test_class_counts": test_counts, "n_train": self.n_train.astype(np.int32),
+                "test_domain_counts": np.stack([np.bincount(ds.test.domains[self.partition.test[c]],
+                                                            minlength=len(ds.domain_names))
+                                                for c in range(N)]).astype(np.int32),
+                "classnames": ds.classnames, "domain_names": ds.domain_names}
+
+    def domain_accuracy(self, c: int, correct: np.ndarray) -> np.ndarray:
+        """Accuracy of client c on each domain of its test split (NaN where it has none)."""
+        n_dom = len(self.dataset.domain_names)
+        dom = self.dataset.test.domains[self.partition.test[c]]
+        hits = np.bincount(dom, weights=correct, minlength=n_dom)
+        counts = np.bincount(dom, minlength=n_dom)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counts > 0, hits / counts, np.nan)
+
