@@ -79,11 +79,57 @@ def test_toml_round_trip_and_hash(tmp_path):
     (["dp.noise_multiplier=1"], "dp.noise_multiplier"),
     (["rounds=0"], "rounds"),
     (["model.device=tpu"], "model.device"),
+    # numbers out of range, non-finite, or floats for integers
+    (["rounds=1e20"], "rounds"),
+    (["rounds=100000000000000000000"], "rounds"),
+    (["rounds=1000001"], "rounds"),
+    (["data.n_clients=3.0"], "data.n_clients"),
+    (["seed=-99999999999999999999"], "seed"),
+    (["train.lr=inf"], "train.lr"),
+    (["train.lr=1e400"], "train.lr"),
+    (["train.lr=-inf"], "train.lr"),
+    (["moe.lam=nan"], "moe.lam"),
+    (["moe.lam=-0.5"], "moe.lam"),
+    (["data.beta=NaN"], "data.beta"),
+    (["fedprox.mu=inf"], "fedprox.mu"),
+    (["dp.clip=1", "dp.noise_multiplier=nan"], "dp.noise_multiplier"),
+    (["dp.clip=1e10", "dp.noise_multiplier=1e30"], "dp.noise_multiplier"),     # std overflows float32
+    (["train.momentum=-0.1"], "train.momentum"),
+    (["train.momentum=1"], "train.momentum"),
+    (["train.weight_decay=-0.0005"], "train.weight_decay"),
+    (["train.warmup_lr=-1"], "train.warmup_lr"),
+    (["moe.gating_lr=0"], "moe.gating_lr"),
+    (["moe.gating_lr=-0.01"], "moe.gating_lr"),
+    # sizes that would only fail after minutes of start-up
+    (["prompt.n_ctx=3000000"], "prompt.n_ctx"),
+    (["prompt.n_ctx=74"], "prompt.n_ctx"),
+    (["data.n_clients=1000000000"], "data.n_clients"),
 ])
 def test_bad_overrides_raise_naming_the_key(sets, key):
     with pytest.raises(PFedMoAPError, match=key.replace(".", r"\.")) as e:
         config.load(None, sets)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize("sets", [
+    ["dp.clip=1", "dp.noise_multiplier=1e30"],      # huge but finite noise: legitimate
+    ["prompt.n_ctx=73"], ["moe.lam=0"], ["train.momentum=0", "train.weight_decay=0"],
+    ["rounds=1000000"], ["train.lr=1e-300"], ["seed=9223372036854775807"],
+])
+def test_extreme_but_valid_values_pass(sets):
+    config.load(None, sets)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("train.lr", float("nan")), ("moe.lam", float("inf")), ("rounds", 2.5), ("rounds", 10 ** 20),
+    ("dp.noise_multiplier", float("-inf")), ("prompt.n_ctx", "16"),
+])
+def test_validate_checks_a_config_built_in_code(field, value):
+    cfg = config.Config()
+    section, _, name = field.rpartition(".")
+    setattr(getattr(cfg, section) if section else cfg, name, value)
+    with pytest.raises(PFedMoAPError, match=field.replace(".", r"\.")):
+        config.validate(cfg)
 
 
 @pytest.mark.parametrize("text, key", [
@@ -93,12 +139,28 @@ def test_bad_overrides_raise_naming_the_key(sets, key):
     ('algorithm = ["pfedmoap"]\n', "algorithm"),
     ("[train]\nnope = 1\n", "train.nope"),
     ('model = "ViT-B-16"\n', "model"),
+    ("rounds = 1e20\n", "rounds"),
+    ("rounds = 100000000000000000000\n", "rounds"),
+    ("[moe]\nlam = nan\n", "moe.lam"),
+    ("[train]\nlr = inf\n", "train.lr"),
+    ("[train]\nlr = " + "9" * 400 + "\n", "train.lr"),      # an integer no float can hold
+    ("[prompt]\nn_ctx = 3000000\n", "prompt.n_ctx"),
 ])
 def test_bad_toml_values_raise_naming_the_key(tmp_path, text, key):
     f = tmp_path / "c.toml"
     f.write_text(text)
-    with pytest.raises(PFedMoAPError, match=key.replace(".", r"\.")):
+    with pytest.raises(PFedMoAPError, match=key.replace(".", r"\.")) as e:
         config.load(str(f))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize("data", [bytes(range(256)) * 4, b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200)])
+def test_binary_config_file_is_one_error(tmp_path, data):
+    f = tmp_path / "picture.toml"
+    f.write_bytes(data)
+    with pytest.raises(PFedMoAPError, match="picture.toml.*not a text") as e:
+        config.load(str(f))
+    assert "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------ the real CLI
@@ -135,19 +197,48 @@ CASES = {
                                 "--set", "model.pretrained=digits"], "model.pretrained = 'digits'"),
     "garbage-pretrained-file": (["run", *SMALL_DATA, "--set", "model.name=tiny-clip",
                                  "--set", "model.pretrained={tmp}/garbage.pt"], "model.pretrained"),
+    # argparse's own errors, as one line
+    "if-exists-choice": (["run", "--if-exists", "maybe"],
+                         "error: --if-exists 'maybe': expected one of refuse, resume, overwrite"),
+    "unknown-command": (["rnu"], "command 'rnu': expected one of run, resume, report, info, data"),
+    "unknown-option": (["run", "--bogus"], "unrecognized arguments: --bogus"),
+    "report-format": (["report", "{tmp}", "--format", "xml"], "--format 'xml': expected one of table"),
+    "no-command": ([], "required: command"),
+    # a binary file given as the config
+    "binary-config": (["run", "{tmp}/binary.toml"], "binary.toml"),
+    "png-config": (["run", "{tmp}/image.toml"], "image.toml"),
+    # numbers
+    "rounds-1e20": (["run", "--set", "rounds=1e20"], "rounds = '1e20'"),
+    "lr-inf": (["run", "--set", "train.lr=inf"], "train.lr = 'inf'"),
+    "n-ctx-huge": (["run", "--set", "prompt.n_ctx=3000000"], "prompt.n_ctx = 3000000"),
+    # the run directory (or the figure directory) cannot be made or written
+    "out-is-file": (["run", *SMALL_DATA, "--out", "{tmp}/afile"], "--out '{tmp}/afile': is a file"),
+    "out-below-file": (["run", *SMALL_DATA, "--out", "{tmp}/afile/sub/run"],
+                       "--out '{tmp}/afile/sub/run': lies below '{tmp}/afile', which is a file"),
+    "quickstart-out-is-file": (["run", "--out", "{tmp}/afile"], "--out '{tmp}/afile': is a file"),
+    "config-out-below-file": (["run", *SMALL_DATA, "--set", "out={tmp}/afile/x"], "'{tmp}/afile/x'"),
+    "plot-is-file": (["report", "{tmp}", "--plot", "{tmp}/afile"], "--plot '{tmp}/afile': is a file"),
+    "plot-below-file": (["report", "{tmp}", "--plot", "{tmp}/afile/figs"], "--plot '{tmp}/afile/figs': lies below"),
 }
 # one of each kind, also as a real process
-SUBPROCESS = ("unknown-nested-key", "invalid-toml", "unknown-model", "garbage-pretrained-file")
+SUBPROCESS = ("unknown-nested-key", "invalid-toml", "unknown-model", "garbage-pretrained-file",
+              "if-exists-choice", "binary-config", "out-below-file")
 
 
 def _files(tmp: Path) -> None:
     (tmp / "bad.toml").write_text("rounds = [\n")
     (tmp / "unknown.toml").write_text("rounds = 2\n[train]\nnope = 1\n")
     (tmp / "garbage.pt").write_bytes(b"this is not a checkpoint\n")
+    (tmp / "binary.toml").write_bytes(bytes(range(256)))
+    (tmp / "image.toml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64))
+    (tmp / "afile").write_text("a file, not a directory\n")
 
 
 def _argv(name: str, tmp: Path) -> list[str]:
-    return [a.replace("{tmp}", str(tmp)) for a in CASES[name][0]] + ["--out", str(tmp / "out" / name)]
+    argv = [a.replace("{tmp}", str(tmp)) for a in CASES[name][0]]
+    if argv[:1] == ["run"] and "--out" not in argv and not any(a.startswith("out=") for a in argv):
+        argv += ["--out", str(tmp / "out" / name)]
+    return argv
 
 
 def _check_error(name: str, tmp: Path, rc: int, stderr: str) -> None:
@@ -222,3 +313,55 @@ def test_cli_info(cli_runs):
     assert f"open_clip {open_clip.__version__}" in p.stdout
     assert "world size 1" in p.stdout.splitlines()
     assert p.stderr == ""
+
+
+def _unwritable_dir(tmp: Path) -> Path:
+    """A directory this process cannot write in: a 0o555 one, or for root (whom permission bits do
+    not stop) a kernel file system."""
+    ro = tmp / "read-only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    for d in (ro, Path("/sys"), Path("/proc")):
+        try:
+            (d / ".pfedmoap-probe").mkdir()
+        except OSError:
+            return d
+        (d / ".pfedmoap-probe").rmdir()
+    pytest.skip("no unwritable directory here")
+
+
+@pytest.mark.parametrize("below", ["", "new/run"])
+def test_out_in_a_read_only_directory_is_one_error_at_start(tmp_path, capsys, keep_signals, monkeypatch, below):
+    for var in _LAUNCHER_VARS + ("PFEDMOAP_MPI",):
+        monkeypatch.delenv(var, raising=False)
+    ro = _unwritable_dir(tmp_path)
+    out = str(ro / below) if below else str(ro)
+    try:
+        rc = cli.main(["run", *SMALL_DATA, "--set", "model.name=tiny-clip", "--set", "model.pretrained=",
+                       "--out", out])
+    finally:
+        (tmp_path / "read-only").chmod(0o755)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, captured.err
+    assert lines[0].startswith(f"error: --out {out!r}: cannot write"), lines[0]
+    assert "# pfedmoap" not in captured.out          # refused before the run started
+
+
+def test_run_prints_a_short_header_not_the_config(tmp_path, capsys, keep_signals, monkeypatch):
+    for var in _LAUNCHER_VARS + ("PFEDMOAP_MPI",):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "run"
+    rc = cli.main(["run", *SMALL_DATA, "--set", "model.name=tiny-clip", "--set", "model.pretrained=",
+                   "--set", "rounds=1", "--set", "run.progress=false", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    lines = captured.out.splitlines()
+    headers = [line for line in lines if line.startswith("# pfedmoap")]
+    assert headers == [f"# pfedmoap zeroshot: synthetic, dirichlet partition, 2 clients, 1 rounds, "
+                       f"world size 1 -> {out}"], captured.out
+    # not the ~70-line resolved config (it is in results.h5)
+    assert not any(line.startswith("[") and line.endswith("]") for line in lines), captured.out
+    for key in ("n_ctx", "gating_dim", "noise_multiplier", "warmup_lr"):
+        assert key not in captured.out
+    assert (out / "results.h5").exists()

@@ -24,27 +24,34 @@ def _gating(embed_dim=128, dim=128, heads=8, scaling=10.0, seed=0):
     return GatingNetwork(embed_dim, dim, heads, scaling)
 
 
-def _reference_moe(g: GatingNetwork, f, T, s, lam):
-    """DESIGN.md section 1, written out with loops: per image b, class c and head h."""
-    B, (_, C, D) = f.shape[0], T.shape
+def _official_moe(g: GatingNetwork, f, T, s, lam):
+    """The reference code's computation (ljaiverson/pFedMoAP, trainers/pfedmoap.py: CustomCLIP.forward
+    and its MultiheadAttention), stated independently with torch.nn.MultiheadAttention and g's weights.
+
+    There, each class is a batch entry of the attention: the queries are the B pooled image features
+    (the same for every class), the keys and values the K pooled text features of that class, local
+    first; scores are scaled by `scaling` (not 1/sqrt(d_head)); softmax over the K; the output
+    projection gives the mixed text feature, and the logits are
+    lam * local + logit_scale * <pooled image feature, mixed text feature>.
+    Returns (logits (B, C), head-averaged attention weights (B, C, K))."""
+    B, (K, C, D) = f.shape[0], T.shape
     d, h = g.dim, g.heads
-    dh = d // h
     r = D // d
-    pf, pT = f[:, ::r], T[..., ::r]
-    local = s * f @ T[0].t()
-    out = torch.zeros(B, C)
-    for b in range(B):
-        q = g.w_q(pf[b])
-        for c in range(C):
-            keys, vals = g.w_k(pT[:, c]), g.w_v(pT[:, c])          # (K, d)
-            heads = []
-            for i in range(h):
-                sl = slice(i * dh, (i + 1) * dh)
-                w = torch.softmax((keys[:, sl] @ q[sl]) * g.scaling, dim=0)   # over K
-                heads.append(w @ vals[:, sl])
-            t_moe = g.w_o(torch.cat(heads))
-            out[b, c] = s * pf[b] @ t_moe
-    return lam * local + out
+    pf, pT = f[:, ::r], T[..., ::r]                       # strided pooling, every r-th coordinate
+    mha = torch.nn.MultiheadAttention(d, h, dropout=0.0, bias=True, batch_first=True,
+                                      dtype=f.dtype)
+    # nn.MultiheadAttention scales queries by 1/sqrt(d_head); the reference code by `scaling`
+    a = g.scaling * math.sqrt(d // h)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([g.w_q.weight * a, g.w_k.weight, g.w_v.weight]))
+        mha.in_proj_bias.copy_(torch.cat([g.w_q.bias * a, g.w_k.bias, g.w_v.bias]))
+        mha.out_proj.weight.copy_(g.w_o.weight)
+        mha.out_proj.bias.copy_(g.w_o.bias)
+    q = pf.unsqueeze(0).expand(C, B, d)                   # (C, B, d): a batch of classes
+    kv = pT.permute(1, 0, 2)                              # (C, K, d)
+    mixed, weights = mha(q, kv, kv, need_weights=True, average_attn_weights=True)   # (C, B, d), (C, B, K)
+    moe = s * torch.bmm(pf.unsqueeze(1), mixed.permute(1, 2, 0)).squeeze(1)           # (B, C)
+    return lam * (s * f @ T[0].t()) + moe, weights.permute(1, 0, 2)
 
 
 def test_shapes():
@@ -56,14 +63,58 @@ def test_shapes():
     assert logits.shape == (5, 7) and w2.shape == (5, 7, 4)
 
 
-@pytest.mark.parametrize("embed_dim, dim, heads, scaling", [(128, 128, 8, 10.0), (256, 64, 4, 3.0)])
-def test_matches_written_out_reference(embed_dim, dim, heads, scaling):
-    g = _gating(embed_dim, dim, heads, scaling)
-    f, T = _unit(3, embed_dim, seed=3), _unit(4, 5, embed_dim, seed=4)
+@pytest.mark.parametrize("embed_dim, dim, heads, scaling", [(128, 128, 8, 10.0), (256, 64, 4, 3.0),
+                                                         (512, 128, 1, 1.0)])
+def test_matches_the_reference_codes_attention(embed_dim, dim, heads, scaling):
+    g = _gating(embed_dim, dim, heads, scaling).double()
+    f, T = _unit(3, embed_dim, seed=3).double(), _unit(4, 5, embed_dim, seed=4).double()
     with torch.no_grad():
-        logits, _ = moe_logits(g, f, T, S, 0.3)
-        ref = _reference_moe(g, f, T, S, 0.3)
-    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-5)
+        logits, w = moe_logits(g, f, T, S, 0.3)
+        ref, ref_w = _official_moe(g, f, T, S, 0.3)
+    torch.testing.assert_close(logits, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(w, ref_w, atol=1e-12, rtol=1e-10)
+    # the comparison has teeth: the MoE term is a sizeable part of the logits, and 1/sqrt(d_head)
+    # instead of `scaling` (nn.MultiheadAttention's default) would give other weights
+    with torch.no_grad():
+        local = S * f @ T[0].t()
+        assert (logits - 0.3 * local).abs().max() > 1e-2
+        g2 = _gating(embed_dim, dim, heads, 1 / math.sqrt(dim // heads)).double()
+        g2.load_state_dict(g.state_dict())
+        assert (moe_logits(g2, f, T, S, 0.3)[1] - ref_w).abs().max() > 1e-3
+
+
+def _grads(g: GatingNetwork, loss) -> dict[str, torch.Tensor]:
+    g.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in g.named_parameters()}
+
+
+def test_which_gating_parameters_get_gradients_float64():
+    """Exactly zero, whatever the data: the key bias (it adds <q, b_k> to every expert's score, and
+    softmax ignores a shift); under cross-entropy also the value and output biases (the weights sum
+    to one, so b_v and b_o shift T_MoE by the same vector for every class, and its dot product with
+    the image feature shifts every class's logit alike; softmax ignores that too). Every weight
+    matrix and the query bias do get gradients. Float64, so zero is ~1e-16, not float32 noise."""
+    g = _gating(256, 128, 8, 10.0).double()
+    f, T = _unit(6, 256, seed=20).double(), _unit(4, 5, 256, seed=21).double()
+    y = torch.arange(6) % 5
+    ce = _grads(g, F.cross_entropy(moe_logits(g, f, T, S, 0.5)[0], y))
+    for name in ("w_q.weight", "w_q.bias", "w_k.weight", "w_v.weight", "w_o.weight"):
+        assert ce[name].abs().max() > 1e-4, name
+    for name in ("w_k.bias", "w_v.bias", "w_o.bias"):
+        assert ce[name].abs().max() < 1e-13, (name, ce[name].abs().max())
+    # b_v and b_o do move the logits themselves (every class alike), b_k not even those
+    raw = _grads(g, moe_logits(g, f, T, S, 0.5)[0].pow(2).sum())
+    assert raw["w_v.bias"].abs().max() > 1e-3 and raw["w_o.bias"].abs().max() > 1e-3
+    assert raw["w_k.bias"].abs().max() < 1e-12
+    # ... and they shift each image's row of logits by one constant
+    with torch.no_grad():
+        before = moe_logits(g, f, T, S, 0.5)[0]
+        g.w_v.bias.add_(torch.randn(128, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+        g.w_o.bias.add_(torch.randn(128, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
+        shift = moe_logits(g, f, T, S, 0.5)[0] - before
+    assert shift.abs().max() > 1e-2
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift), atol=1e-12, rtol=0)
 
 
 def test_single_expert_gives_local_logits_exactly():
@@ -162,8 +213,12 @@ def test_gradients_reach_ctx_and_gating_only(tiny_backbone):
     assert ctx.grad is not None and ctx.grad.abs().sum() > 0
     grads = {n: p.grad for n, p in state.gating.named_parameters()}
     assert all(g is not None for g in grads.values())
-    for name in ("w_q.weight", "w_q.bias", "w_k.weight", "w_v.weight", "w_v.bias", "w_o.weight", "w_o.bias"):
-        assert grads[name].abs().sum() > 0, name
+    scale = max(float(g.abs().max()) for g in grads.values())
+    for name in ("w_q.weight", "w_q.bias", "w_k.weight", "w_v.weight", "w_o.weight"):
+        assert grads[name].abs().max() > 1e-3 * scale, name
+    # zero up to float32 rounding (test_which_gating_parameters_get_gradients_float64)
+    for name in ("w_k.bias", "w_v.bias", "w_o.bias"):
+        assert grads[name].abs().max() < 1e-4 * scale, name
     assert all(p.grad is None for p in tiny_backbone.model.parameters())
     assert not experts.requires_grad
 
@@ -179,8 +234,12 @@ def test_fit_updates_ctx_and_gating_and_leaves_backbone_untouched(tiny_backbone)
     assert math.isfinite(loss)
     assert not state.ctx.requires_grad and state.ctx.shape == ctx0.shape
     assert (state.ctx - ctx0).abs().max() > 0
-    for name in ("w_q.weight", "w_k.weight", "w_v.weight", "w_o.weight", "w_o.bias"):
-        assert (dict(state.gating.named_parameters())[name] - gating0[name]).abs().max() > 0, name
+    moved = {n: float((p.detach() - gating0[n]).abs().max()) for n, p in state.gating.named_parameters()}
+    for name in ("w_q.weight", "w_q.bias", "w_k.weight", "w_v.weight", "w_o.weight"):
+        assert moved[name] > 1e-3 * max(moved.values()), (name, moved)
+    # no weight decay here, and zero gradients up to float32 rounding: these stay where they were
+    for name in ("w_k.bias", "w_v.bias", "w_o.bias"):
+        assert moved[name] < 1e-4 * max(moved.values()), (name, moved)
     # the gating optimiser's momentum is the client's and now non-zero
     assert any(state.gating_opt.state[p]["momentum_buffer"].abs().sum() > 0 for p in state.gating.parameters())
     after = tiny_backbone.model.state_dict()

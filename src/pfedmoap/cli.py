@@ -5,15 +5,36 @@ Bad input anywhere is one line `error: ...` and exit code 2, on every rank.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from .errors import PFedMoAPError, ReportedElsewhere
 
 
+class _UsageError(PFedMoAPError):
+    """Bad command-line syntax (argparse's errors), as one line instead of usage + message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: --if-exists 'maybe': expected one of refuse, ...`.
+    Subcommand parsers are built with the same class."""
+
+    def error(self, message: str):
+        m = re.fullmatch(r"argument (.+?): invalid choice: (.+?) \(choose from (.+)\)", message)
+        if m:
+            choices = ", ".join(c.strip().strip("'\"") for c in m.group(3).split(","))
+            message = f"{m.group(1)} {m.group(2)}: expected one of {choices}"
+        else:
+            message = f"{message} (see: {self.prog} --help)"
+        raise _UsageError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pfedmoap", description="Personalized federated prompt learning for CLIP "
+    p = _Parser(prog="pfedmoap", description="Personalized federated prompt learning for CLIP "
                                 "(pFedMoAP and baselines) on MPI clusters.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a configuration (no CONFIG: the embedded quick-start)")
@@ -63,8 +84,7 @@ def _run(configs, comm, if_exists: str) -> int:
     say = print if comm.rank == 0 else (lambda *a, **k: None)
     outcomes = []
     for cfg in configs:
-        say(f"# pfedmoap {cfg.algorithm} -> {cfg.out}  (world size {comm.size})")
-        say(cfg.to_toml())
+        say(_header(cfg, comm.size))
         fed = federation.Federation(cfg, comm, log=say)
         say(_clip_lines(partition_summary(fed.partition, fed.dataset), 21))
         outcome = fed.run(cfg.out, if_exists)
@@ -75,6 +95,34 @@ def _run(configs, comm, if_exists: str) -> int:
     if comm.rank == 0:
         print(_final_table(outcomes))
     return 0
+
+
+def _header(cfg, size: int) -> str:
+    """One line per run (the full config is in results.h5): what runs, on what, where."""
+    d = cfg.data
+    return (f"# pfedmoap {cfg.algorithm}: {d.dataset}, {d.partition} partition, {d.n_clients} clients, "
+            f"{cfg.rounds} rounds, world size {size} -> {cfg.out}")
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """`path` is, or can be made as, a directory this process can write in; else one line.
+
+    Checked at start-up so that a file in the way or a read-only directory is not found only
+    after the data and model are loaded (or after the first round)."""
+    target = Path(path).expanduser()
+    probe = target
+    while not os.path.exists(probe) and probe.parent != probe:     # os.path: False on any OSError
+        probe = probe.parent
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == target else f"lies below {str(probe)!r}, which is a file"
+        raise PFedMoAPError(f"{what} {path!r}: {where}; expected a directory")
+    try:      # a real write: permission bits say nothing for root or on a read-only mount
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".pfedmoap-write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        inside = "" if probe == target else f" (in {str(probe)!r}, where it would be made)"
+        raise PFedMoAPError(f"{what} {path!r}: cannot write{inside}: {e.strerror}") from None
 
 
 def _clip_lines(text: str, n: int) -> str:
@@ -110,6 +158,8 @@ def _resume(run_dir: str, comm) -> int:
         attrs, _ = store.read_checkpoint(Path(run_dir))
         cfg = config.from_toml(attrs["config"])
         cfg.out = run_dir
+        if comm.rank == 0:
+            check_writable_dir(run_dir, "run directory")
     except PFedMoAPError as e:
         error = e
     comm_mod.agree(comm, error)
@@ -144,13 +194,19 @@ def _request_stop(*_args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from . import comm as comm_mod
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as e:
+        # every rank has the same arguments: under a launcher only its rank 0 prints
+        if comm_mod.launcher_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.command in ("run", "resume"):
         # From the first moment: a preemption notice during start-up is honoured at the first
         # round's end instead of killing the rank.
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, _request_stop)
-    from . import comm as comm_mod
     comm = comm_mod.LocalComm()
     try:
         if args.command in ("run", "resume", "info"):
@@ -159,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             configs, error = None, None
             try:
                 configs = _configs(args)      # validated before the heavy imports: bad input fails fast
+                if comm.rank == 0:            # the run directories: rank 0 writes them
+                    if args.out:
+                        check_writable_dir(args.out, "--out")
+                    for cfg in configs:
+                        check_writable_dir(cfg.out, "run directory")
             except PFedMoAPError as e:        # (a config file may be missing on one node only)
                 error = e
             comm_mod.agree(comm, error)
@@ -167,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             return _resume(args.run_dir, comm)
         if args.command == "report":
             from .analysis import report_main
+            if args.plot is not None:
+                check_writable_dir(args.plot, "--plot")
             print(report_main(args.run_dirs, args.format, args.plot))
             return 0
         if args.command == "info":
@@ -176,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     except ReportedElsewhere:
         return 2
     except PFedMoAPError as e:
-        # Ranks agree on user errors (comm.agree): exactly one of them prints the line.
-        print(f"error: {e}", file=sys.stderr)
+        # Ranks agree on user errors (comm.agree): exactly one of them prints the line. Without a
+        # world (the launcher's processes each alone, see comm.world) the launcher's rank 0 does.
+        if comm.size > 1 or comm_mod.launcher_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -18,8 +18,56 @@ _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "
                   "MPI_LOCALRANKID")
 
 
+# The number of processes the launcher started, and this one's index, as each launcher says it.
+# An MPI launcher's own variables come first: inside a SLURM allocation `mpirun` may start its
+# daemons with srun, so the srun step there counts daemons, not ranks.
+_SIZE_VARS = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+              ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"))
+# srun's step. SLURM_NTASKS is no evidence: every sbatch job sets it, also around one process;
+# SLURM_STEP_NUM_TASKS with SLURM_STEP_ID and SLURM_PROCID is set only in the tasks of an srun step.
+_SRUN_VARS = ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID")
+
+
+def _env_int(name: str) -> int | None:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def _in_srun_step() -> bool:
+    return "SLURM_STEP_ID" in os.environ and all(_env_int(v) is not None for v in _SRUN_VARS)
+
+
+def launcher_size() -> tuple[int, str] | None:
+    """(processes the launcher started, the variable that says so), or None without a launcher."""
+    for size_var, _ in _SIZE_VARS:
+        n = _env_int(size_var)
+        if n is not None:
+            return n, size_var
+    if _in_srun_step():
+        return _env_int("SLURM_STEP_NUM_TASKS"), "SLURM_STEP_NUM_TASKS"
+    return None
+
+
+def launcher_rank() -> int:
+    """This process's index as the launcher numbered it (0 without a launcher): known before MPI
+    starts, so that an error every process meets alike is printed once."""
+    for size_var, rank_var in _SIZE_VARS:
+        if size_var in os.environ:
+            return _env_int(rank_var) or 0
+    if "PMIX_RANK" in os.environ:
+        return _env_int("PMIX_RANK") or 0
+    if _in_srun_step():
+        return _env_int("SLURM_PROCID") or 0
+    return 0
+
+
 def launched_by_mpi() -> bool:
-    return any(v in os.environ for v in _LAUNCHER_VARS) or os.environ.get("PFEDMOAP_MPI") == "1"
+    if any(v in os.environ for v in _LAUNCHER_VARS) or os.environ.get("PFEDMOAP_MPI") == "1":
+        return True
+    launched = launcher_size()
+    return launched is not None and launched[0] > 1     # srun -n N without an MPI plugin variable
 
 
 class LocalComm:
@@ -53,7 +101,12 @@ class MPIComm:
     """COMM_WORLD through mpi4py's upper-case (buffer) collectives; rank 0 is the root."""
 
     def __init__(self):
-        from mpi4py import MPI
+        import warnings
+        with warnings.catch_warnings():
+            # mpi4py's own three-line warning when the launcher is another MPI's: world() says it
+            # in one line, with both sizes (check_world_size)
+            warnings.filterwarnings("ignore", "suspicious MPI execution environment", RuntimeWarning)
+            from mpi4py import MPI
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -125,12 +178,23 @@ class MPIComm:
         self.comm.Abort(code)
 
 
+_NO_LIBMPI = ("install pip's MPICH (pip install -e '.[mpi]') or load the site MPI "
+              "(README, 'MPI and clusters')")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def library_versions() -> str:
     try:
         import mpi4py
-        from mpi4py import MPI
     except ImportError:
         return "mpi4py: not installed"
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError, OSError) as e:     # mpi4py's wheel finds no libmpi
+        return f"mpi4py {mpi4py.__version__}; MPI library: none ({_first_line(e)}; {_NO_LIBMPI})"
     return f"mpi4py {mpi4py.__version__}; MPI library: {MPI.Get_library_version().strip().splitlines()[0]}"
 
 
@@ -138,9 +202,28 @@ def world() -> LocalComm | MPIComm:
     if not launched_by_mpi():
         return LocalComm()
     try:
-        return MPIComm()
+        comm = MPIComm()
     except ImportError as e:
-        raise PFedMoAPError(f"launched under MPI but mpi4py cannot be imported: {e}") from None
+        raise PFedMoAPError(f"launched under MPI but mpi4py cannot be imported: {_first_line(e)}; "
+                            f"{_NO_LIBMPI}") from None
+    except (RuntimeError, OSError) as e:
+        raise PFedMoAPError(f"launched under MPI but mpi4py finds no MPI library: {_first_line(e)}; "
+                            f"{_NO_LIBMPI}") from None
+    check_world_size(comm.size, launcher_size())
+    return comm
+
+
+def check_world_size(size: int, launched: tuple[int, str] | None) -> None:
+    """N processes started by the launcher but a world of 1 in each: N independent copies of the
+    same run would write into one directory. Refused, naming both numbers."""
+    if size != 1 or launched is None or launched[0] <= 1:
+        return
+    n, var = launched
+    raise PFedMoAPError(
+        f"the launcher started {n} processes ({var}={n}) but MPI reports a world size of {size} in "
+        f"each: mpi4py is most likely built for another MPI than the launcher's "
+        f"({' '.join(library_versions().split())}); start it with that MPI's own mpiexec, or "
+        f"rebuild mpi4py against the launcher's MPI (README, 'MPI and clusters')")
 
 
 def place_clients(n_train: np.ndarray, size: int) -> np.ndarray:

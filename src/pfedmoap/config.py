@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -15,9 +16,23 @@ import tomli_w
 
 from .errors import PFedMoAPError
 
-ALGORITHMS = ("zeroshot", "local", "promptfl", "fedprox", "pfedmoap")
-PARTITIONS = ("iid", "dirichlet", "dirichlet-superclass", "pathological", "domain")
-ROUTERS = ("knn", "random", "fixed")
+# Names of methods, partitions, routers and data sets live in their registries (algorithms,
+# data.partition, router, data.datasets); validation reads them there.
+_SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str):
+    """A method's own config section ([name] in TOML, cfg.<name> in code), declared in its module."""
+    def deco(cls):
+        _SECTIONS[name] = cls
+        return cls
+    return deco
+
+
+def _method_sections() -> dict[str, type]:
+    from . import algorithms
+    algorithms.names()          # importing every method module registers its section
+    return _SECTIONS
 
 
 @dataclass
@@ -112,9 +127,24 @@ class Config:
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # method-owned sections (register_section), e.g. cfg.fedamp; in TOML at the top level like the rest
+    sections: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        for name, cls in sorted(_method_sections().items()):
+            self.sections.setdefault(name, cls())
+
+    def __getattr__(self, name):          # only reached when ordinary lookup fails
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"Config has no attribute or section {name!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        del d["sections"]
+        d.update((name, dataclasses.asdict(sec)) for name, sec in sorted(self.sections.items()))
+        return d
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
@@ -126,6 +156,14 @@ class Config:
 
 
 # ---------------------------------------------------------------- building a config
+
+_INT_LIMIT = 2 ** 63
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
+
 
 def _coerce(key: str, value, typ):
     """Check/convert `value` to the field type `typ`; strings from --set are parsed."""
@@ -145,19 +183,25 @@ def _coerce(key: str, value, typ):
     if typ is int:
         if isinstance(value, bool):
             raise PFedMoAPError(f"{key} = {value!r}: expected an integer")
-        if isinstance(value, int):
-            return value
-        try:
-            return int(str(value))
-        except ValueError:
-            raise PFedMoAPError(f"{key} = {value!r}: expected an integer") from None
+        if not isinstance(value, int):
+            # a float (TOML 2.5 or 1e20) is refused, not truncated; so is "1e20" from --set
+            try:
+                value = int(str(value).strip())
+            except ValueError:
+                raise PFedMoAPError(f"{key} = {_short(value)}: expected an integer") from None
+        if not -_INT_LIMIT <= value < _INT_LIMIT:
+            raise PFedMoAPError(f"{key} = {_short(value)}: out of range (expected a 64-bit integer)")
+        return value
     if typ is float:
         if isinstance(value, bool):
             raise PFedMoAPError(f"{key} = {value!r}: expected a number")
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise PFedMoAPError(f"{key} = {value!r}: expected a number") from None
+            out = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise PFedMoAPError(f"{key} = {_short(value)}: expected a number") from None
+        if not math.isfinite(out):
+            raise PFedMoAPError(f"{key} = {value!r}: expected a finite number")
+        return out
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise PFedMoAPError(f"{key} = {value!r}: expected a string")
@@ -167,7 +211,10 @@ def _coerce(key: str, value, typ):
 
 def _fields(obj) -> dict[str, typing.Any]:
     hints = typing.get_type_hints(type(obj))
-    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+    out = {f.name: hints[f.name] for f in dataclasses.fields(obj) if f.name != "sections"}
+    if isinstance(obj, Config):
+        out.update((name, type(sec)) for name, sec in obj.sections.items())
+    return out
 
 
 def _set(cfg: Config, key: str, value) -> None:
@@ -206,6 +253,17 @@ def from_dict(d: dict, base: Config | None = None) -> Config:
     return cfg
 
 
+def _read_text(p: Path) -> str:
+    """A config file's text; unreadable or not UTF-8 text (a binary file) is one line."""
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PFedMoAPError(f"config file {str(p)!r} is not a text (UTF-8) file: byte {e.start} "
+                            f"cannot be decoded; expected TOML") from None
+    except OSError as e:
+        raise PFedMoAPError(f"config file {str(p)!r} cannot be read: {e.strerror}") from None
+
+
 def load(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """Defaults <- `base` (e.g. the quick-start) <- TOML file <- `key=value` overrides; validated."""
     cfg = from_dict(base or {})
@@ -213,7 +271,7 @@ def load(path: str | None = None, overrides: list[str] = (), base: dict | None =
         from .configs import find      # an existing file, else a packaged name such as paper/food101
         p = find(path)
         try:
-            from_dict(tomllib.loads(p.read_text()), cfg)
+            from_dict(tomllib.loads(_read_text(p)), cfg)
         except tomllib.TOMLDecodeError as e:
             raise PFedMoAPError(f"config file {path!r} is not valid TOML: {e}") from None
     for item in overrides:
@@ -236,12 +294,38 @@ def _need(ok: bool, msg: str) -> None:
         raise PFedMoAPError(msg)
 
 
+# Sanity bounds: beyond them a run would only fail (or never end) after minutes of start-up.
+MAX_ROUNDS = 10 ** 6
+MAX_CLIENTS = 10 ** 6
+CLIP_CONTEXT = 77       # tokens of CLIP's text context: [SOS] ctx class-name "." [EOS]
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_types(obj, prefix: str = "") -> None:
+    """Every float finite and every int a 64-bit integer, also in a Config built in code."""
+    for name, typ in _fields(obj).items():
+        key, value = prefix + name, getattr(obj, name)
+        if dataclasses.is_dataclass(typ):
+            _check_types(value, key + ".")
+        elif typ is float or typ is int:
+            allowed = (int, float) if typ is float else int
+            if not isinstance(value, allowed) or isinstance(value, bool):
+                raise PFedMoAPError(f"{key} = {_short(value)}: expected {'a number' if typ is float else 'an integer'}")
+            _coerce(key, value, typ)
+
+
 def validate(cfg: Config) -> None:
     d, t, m = cfg.data, cfg.train, cfg.moe
-    _need(cfg.algorithm in ALGORITHMS, f"algorithm = {cfg.algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
-    _need(cfg.rounds >= 1, f"rounds = {cfg.rounds}: expected >= 1")
-    _need(d.n_clients >= 1, f"data.n_clients = {d.n_clients}: expected >= 1")
-    _need(d.partition in PARTITIONS, f"data.partition = {d.partition!r}: expected one of {', '.join(PARTITIONS)}")
+    _check_types(cfg)
+    from . import algorithms, router
+    from .data import partition
+    _need(cfg.algorithm in algorithms.names(), f"algorithm = {cfg.algorithm!r}: expected one of {', '.join(algorithms.names())}")
+    for sec in cfg.sections.values():
+        if hasattr(sec, "validate"):
+            sec.validate()
+    _need(1 <= cfg.rounds <= MAX_ROUNDS, f"rounds = {cfg.rounds}: expected 1 to {MAX_ROUNDS}")
+    _need(1 <= d.n_clients <= MAX_CLIENTS, f"data.n_clients = {d.n_clients}: expected 1 to {MAX_CLIENTS}")
+    _need(d.partition in partition.names(), f"data.partition = {d.partition!r}: expected one of {', '.join(partition.names())}")
     _need(d.beta > 0, f"data.beta = {d.beta}: expected > 0")
     _need(d.shots >= 0, f"data.shots = {d.shots}: expected >= 0")
     _need(d.min_size >= 0, f"data.min_size = {d.min_size}: expected >= 0")
@@ -256,20 +340,33 @@ def validate(cfg: Config) -> None:
     _need(t.batch_size >= 1, f"train.batch_size = {t.batch_size}: expected >= 1")
     _need(t.eval_batch_size >= 1, f"train.eval_batch_size = {t.eval_batch_size}: expected >= 1")
     _need(t.lr > 0, f"train.lr = {t.lr}: expected > 0")
+    _need(t.local_epochs <= MAX_ROUNDS, f"train.local_epochs = {t.local_epochs}: expected <= {MAX_ROUNDS}")
     _need(0 <= t.warmup_epochs, f"train.warmup_epochs = {t.warmup_epochs}: expected >= 0")
-    _need(cfg.prompt.n_ctx >= 1, f"prompt.n_ctx = {cfg.prompt.n_ctx}: expected >= 1")
+    _need(t.warmup_lr >= 0, f"train.warmup_lr = {t.warmup_lr}: expected >= 0")
+    _need(0 <= t.momentum < 1, f"train.momentum = {t.momentum}: expected 0 <= momentum < 1")
+    _need(t.weight_decay >= 0, f"train.weight_decay = {t.weight_decay}: expected >= 0")
+    # The exact check (the tokenised prompts with the real class names) runs at start-up; this one
+    # is the cheap bound: [SOS], a class name of one token at least, "." and [EOS] take 4 tokens.
+    _need(1 <= cfg.prompt.n_ctx <= CLIP_CONTEXT - 4,
+          f"prompt.n_ctx = {cfg.prompt.n_ctx}: expected 1 to {CLIP_CONTEXT - 4} (CLIP's text context "
+          f"holds {CLIP_CONTEXT} tokens, including the class name, '.' and start/end tokens)")
     _need("{}" in cfg.prompt.template, f"prompt.template = {cfg.prompt.template!r}: expected a '{{}}' for the class name")
     _need(m.n_experts >= 1, f"moe.n_experts = {m.n_experts}: expected K >= 1 (the local prompt counts)")
-    _need(m.router in ROUTERS, f"moe.router = {m.router!r}: expected one of {', '.join(ROUTERS)}")
+    _need(m.router in router.names(), f"moe.router = {m.router!r}: expected one of {', '.join(router.names())}")
     _need(m.gating_dim >= 1, f"moe.gating_dim = {m.gating_dim}: expected >= 1")
     _need(m.gating_heads >= 1 and m.gating_dim % m.gating_heads == 0,
           f"moe.gating_heads = {m.gating_heads}: expected a divisor of moe.gating_dim = {m.gating_dim}")
     _need(m.scaling > 0, f"moe.scaling = {m.scaling}: expected > 0")
+    _need(m.lam >= 0, f"moe.lam = {m.lam}: expected >= 0 (logits = lam * local + moe)")
+    _need(m.gating_lr > 0, f"moe.gating_lr = {m.gating_lr}: expected > 0")
     _need(cfg.fedprox.mu >= 0, f"fedprox.mu = {cfg.fedprox.mu}: expected >= 0")
     _need(cfg.dp.clip >= 0, f"dp.clip = {cfg.dp.clip}: expected >= 0 (0 = off)")
     _need(cfg.dp.noise_multiplier >= 0, f"dp.noise_multiplier = {cfg.dp.noise_multiplier}: expected >= 0")
     _need(cfg.dp.noise_multiplier == 0 or cfg.dp.clip > 0,
           "dp.noise_multiplier > 0 needs dp.clip > 0: the noise scale is noise_multiplier * clip")
+    _need(cfg.dp.noise_multiplier * cfg.dp.clip < FLOAT32_MAX,
+          f"dp.noise_multiplier * dp.clip = {cfg.dp.noise_multiplier * cfg.dp.clip:g}: the noise std must be "
+          f"below {FLOAT32_MAX:.3g} (the largest float32) or every upload is infinite")
     _need(cfg.model.device in ("cpu", "cuda", "auto"), f"model.device = {cfg.model.device!r}: expected cpu, cuda or auto")
     _need(cfg.model.precision in ("fp32", "bf16", "fp16"), f"model.precision = {cfg.model.precision!r}: expected fp32, bf16 or fp16")
     _need(cfg.run.threads >= 0, f"run.threads = {cfg.run.threads}: expected >= 0 (0 = automatic)")
