@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,7 +182,7 @@ def test_embed_dim_not_divisible_raises(embed_dim, dim):
         GatingNetwork(embed_dim, dim, 8)
 
 
-# ------------------------------------------------------------------ one training step of the algorithm
+# ------------------------------------------------------------------ one training step of the method's client
 
 def _pfedmoap(backbone, *sets):
     cfg = config.load(None, ["model.name=tiny-clip", "model.pretrained=", "prompt.n_ctx=4",
@@ -189,7 +190,9 @@ def _pfedmoap(backbone, *sets):
                              "train.weight_decay=0", *sets])
     classnames = ["cat", "dog", "water lily", "car"]
     enc = PromptEncoder(backbone, classnames, cfg.prompt.n_ctx)
-    return algorithms.get("pfedmoap")(cfg, enc, backbone), enc
+    setup = algorithms.Setup(cfg, n_clients=4, encoder=enc, backbone=backbone,
+                             ctx_shape=(cfg.prompt.n_ctx, backbone.model.token_embedding.weight.shape[1]))
+    return algorithms.get("pfedmoap")(setup).client(), enc
 
 
 def _data(n=8, C=4, D=128, seed=0):
@@ -199,15 +202,23 @@ def _data(n=8, C=4, D=128, seed=0):
     return algorithms.ClientData(x, y, x.clone(), y.clone())
 
 
+def _expert_downloads(client, cids, n_experts, seed):
+    """What the server sends: expert ids and their prompts (flat rows)."""
+    rows = torch.randn(n_experts, client.ctx_shape[0] * client.ctx_shape[1],
+                       generator=torch.Generator().manual_seed(seed)) * 0.02
+    return {cid: {"expert_ids": np.arange(1, n_experts + 1, dtype=np.int32), "experts": rows.numpy()}
+            for cid in cids}
+
+
 def test_gradients_reach_ctx_and_gating_only(tiny_backbone):
-    algo, enc = _pfedmoap(tiny_backbone)
-    state = algo.init_client(0)
+    client, enc = _pfedmoap(tiny_backbone)
+    state = client.init_state(0)
     assert state.gating is not None and state.gating_opt is not None
     experts = enc.encode_frozen(torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(1)) * 0.02)
     data = _data()
     ctx = state.ctx.clone().requires_grad_(True)
     text = torch.cat([enc(ctx).unsqueeze(0), experts])
-    logits, w = algo.logits(state, data.train_x, text)
+    logits, w = moe_logits(state.gating, data.train_x, text, client.logit_scale, client.cfg.moe.lam)
     assert w is not None and w.shape == (8, 4, 4)
     F.cross_entropy(logits, data.train_y).backward()
     assert ctx.grad is not None and ctx.grad.abs().sum() > 0
@@ -224,14 +235,14 @@ def test_gradients_reach_ctx_and_gating_only(tiny_backbone):
 
 
 def test_fit_updates_ctx_and_gating_and_leaves_backbone_untouched(tiny_backbone):
-    algo, enc = _pfedmoap(tiny_backbone, "train.lr=0.5", "moe.gating_lr=0.5")
-    state = algo.init_client(0)
+    client, enc = _pfedmoap(tiny_backbone, "train.lr=0.5", "moe.gating_lr=0.5")
+    state = client.init_state(0)
     before_backbone = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
     ctx0 = state.ctx.clone()
     gating0 = {n: p.detach().clone() for n, p in state.gating.named_parameters()}
-    experts = enc.encode_frozen(torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(2)) * 0.02)
-    loss = algo.fit(state, _data(), 0, 0, None, experts)
-    assert math.isfinite(loss)
+    client.prepare(0, _expert_downloads(client, [0], 2, seed=2))
+    up = client.fit(state, _data(), 0, 0, {})
+    assert up["prompt"].shape == (ctx0.numel(),) and list(up["n_samples"]) == [8]
     assert not state.ctx.requires_grad and state.ctx.shape == ctx0.shape
     assert (state.ctx - ctx0).abs().max() > 0
     moved = {n: float((p.detach() - gating0[n]).abs().max()) for n, p in state.gating.named_parameters()}
@@ -249,28 +260,31 @@ def test_fit_updates_ctx_and_gating_and_leaves_backbone_untouched(tiny_backbone)
 
 def test_fit_without_experts_leaves_gating_alone(tiny_backbone):
     """First round (K = 1): logits are the local ones, so the gating network gets no gradient."""
-    algo, enc = _pfedmoap(tiny_backbone, "train.lr=0.5")
-    state = algo.init_client(1)
+    client, _ = _pfedmoap(tiny_backbone, "train.lr=0.5")
+    state = client.init_state(1)
     gating0 = {n: p.detach().clone() for n, p in state.gating.named_parameters()}
     ctx0 = state.ctx.clone()
-    algo.fit(state, _data(seed=1), 0, 1, None, None)
+    client.fit(state, _data(seed=1), 0, 1, {})
     assert (state.ctx - ctx0).abs().max() > 0
     for n, p in state.gating.named_parameters():
         assert torch.equal(p.detach(), gating0[n]), n
 
 
 def test_gating_dim_not_dividing_embed_dim_fails_at_client_init(tiny_backbone):
-    algo, _ = _pfedmoap(tiny_backbone, "moe.gating_dim=96", "moe.gating_heads=8")
+    client, _ = _pfedmoap(tiny_backbone, "moe.gating_dim=96", "moe.gating_heads=8")
     with pytest.raises(PFedMoAPError, match="gating_dim"):
-        algo.init_client(0)
+        client.init_state(0)
 
 
 def test_fit_with_no_training_images_is_a_no_op(tiny_backbone):
-    algo, _ = _pfedmoap(tiny_backbone)
-    state = algo.init_client(2)
+    client, _ = _pfedmoap(tiny_backbone)
+    state = client.init_state(2)
     ctx0 = state.ctx.clone()
+    gating0 = {n: p.detach().clone() for n, p in state.gating.named_parameters()}
     empty = torch.zeros(0, 128)
     data = algorithms.ClientData(empty, torch.zeros(0, dtype=torch.long), empty, torch.zeros(0, dtype=torch.long))
-    loss = algo.fit(state, data, 0, 2, None, None)
-    assert math.isnan(loss)
+    up = client.fit(state, data, 0, 2, {})
+    assert list(up["n_samples"]) == [0]
     assert torch.equal(state.ctx, ctx0)
+    for n, p in state.gating.named_parameters():
+        assert torch.equal(p.detach(), gating0[n]), n

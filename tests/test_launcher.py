@@ -26,12 +26,14 @@ _PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MV2_", "SLURM_", "MPI_LOCALRANKID", "PFE
 
 # the world as this process sees it, or the one line it was refused with
 WORLD = """
+import os
 from pfedmoap import comm
 from pfedmoap.errors import PFedMoAPError
 try:
-    print("size", comm.world().size)
+    line = f"size {comm.world().size}"
 except PFedMoAPError as e:
-    print("refused", e)
+    line = f"refused {e}"
+os.write(1, (line + "\\n").encode())     # one write: the ranks' lines do not interleave
 """
 
 
