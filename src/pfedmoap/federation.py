@@ -36,7 +36,7 @@ class Outcome:
     run_dir: Path
     status: str                                  # complete | stopped
     mean_accuracy: list[float] = field(default_factory=list)
-    domain_accuracy: dict[str, float] = field(default_factory=dict)   # last round, pooled over clients
+    domain_accuracy: dict[str, float] = field(default_factory=dict)   # last round, all clients' test images together
 
 
 class Federation:
@@ -206,7 +206,7 @@ class Federation:
     def _checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {"clients/state": (self.N, self.build.state_size)}
         for k, v in self.server.state_dict().items():
-            if v.size:          # empty entries (e.g. no global prompt yet) may legitimately differ
+            if v.size:          # an entry empty at the start (nothing aggregated yet) may be filled later
                 shapes[f"server/{k}"] = v.shape
         return shapes
 

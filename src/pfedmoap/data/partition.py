@@ -26,7 +26,18 @@ import numpy as np
 from ..errors import PFedMoAPError
 from ..rng import key as _key
 
-METHODS = ("iid", "dirichlet", "dirichlet-superclass", "pathological", "domain")
+PARTITIONS: dict = {}        # the registry: data.partition name -> builder(dataset, cfg, seed)
+
+
+def register(name: str):
+    def deco(fn):
+        PARTITIONS[name] = fn
+        return fn
+    return deco
+
+
+def names() -> list[str]:
+    return list(PARTITIONS)
 MAX_DIRICHLET_TRIES = 1000
 
 
@@ -316,6 +327,41 @@ def _domain_ids(dataset, names) -> list[int] | None:
     return ids
 
 
+@register("iid")
+def _iid(dataset, cfg, seed, n):
+    return split_iid(dataset.train.labels, dataset.test.labels, n, seed)
+
+
+@register("dirichlet")
+def _dirichlet(dataset, cfg, seed, n):
+    return split_dirichlet(dataset.train.labels, dataset.test.labels, n, _cfg(cfg, "beta", 0.5), seed,
+                           _cfg(cfg, "min_size", 10))
+
+
+@register("dirichlet-superclass")
+def _dirichlet_superclass(dataset, cfg, seed, n):
+    if dataset.superclass is None:
+        raise PFedMoAPError(f"data.partition = 'dirichlet-superclass': data set {dataset.name!r} has no "
+                            f"super-classes; expected cifar100 (or another data set with a super-class map)")
+    return split_dirichlet_superclass(dataset.train.labels, dataset.test.labels, dataset.superclass, n,
+                                      _cfg(cfg, "beta", 0.5), seed, _cfg(cfg, "min_size", 10))
+
+
+@register("pathological")
+def _pathological(dataset, cfg, seed, n):
+    # shots are applied inside: test = all test images of the owned classes
+    return split_pathological(dataset.train.labels, dataset.test.labels, n, _cfg(cfg, "classes_per_client", 0),
+                              seed, _check_shots(_cfg(cfg, "shots", 0)), n_classes=dataset.n_classes)
+
+
+@register("domain")
+def _domain(dataset, cfg, seed, n):
+    ids = _domain_ids(dataset, _cfg(cfg, "domains", []))
+    return split_domain(dataset.train.labels, dataset.train.domains, dataset.test.labels, dataset.test.domains,
+                        n, seed, _cfg(cfg, "clients_per_domain", 1), _cfg(cfg, "beta", 0.5),
+                        _cfg(cfg, "min_size", 10), domain_ids=ids)
+
+
 def make_partition(dataset, cfg, seed: int) -> Partition:
     """The partition named by cfg.partition of `dataset` (a FederatedDataset) over cfg.n_clients.
 
@@ -323,28 +369,11 @@ def make_partition(dataset, cfg, seed: int) -> Partition:
     domains, clients_per_domain)."""
     method = _cfg(cfg, "partition", "dirichlet")
     n = _check_n_clients(_cfg(cfg, "n_clients", 10))
-    beta, min_size = _cfg(cfg, "beta", 0.5), _cfg(cfg, "min_size", 10)
     shots = _check_shots(_cfg(cfg, "shots", 0))
-    ytr, yte = dataset.train.labels, dataset.test.labels
-    if method == "iid":
-        part = split_iid(ytr, yte, n, seed)
-    elif method == "dirichlet":
-        part = split_dirichlet(ytr, yte, n, beta, seed, min_size)
-    elif method == "dirichlet-superclass":
-        if dataset.superclass is None:
-            raise PFedMoAPError(f"data.partition = 'dirichlet-superclass': data set {dataset.name!r} has no "
-                                f"super-classes; expected cifar100 (or another data set with a super-class map)")
-        part = split_dirichlet_superclass(ytr, yte, dataset.superclass, n, beta, seed, min_size)
-    elif method == "pathological":
-        return split_pathological(ytr, yte, n, _cfg(cfg, "classes_per_client", 0), seed, shots,
-                                  n_classes=dataset.n_classes)
-    elif method == "domain":
-        ids = _domain_ids(dataset, _cfg(cfg, "domains", []))
-        part = split_domain(ytr, dataset.train.domains, yte, dataset.test.domains, n, seed,
-                            _cfg(cfg, "clients_per_domain", 1), beta, min_size, domain_ids=ids)
-    else:
-        raise PFedMoAPError(f"data.partition = {method!r}: unknown; expected one of {list(METHODS)}")
-    return apply_shots(part, ytr, shots, seed)
+    if method not in PARTITIONS:
+        raise PFedMoAPError(f"data.partition = {method!r}: unknown; expected one of {', '.join(PARTITIONS)}")
+    part = PARTITIONS[method](dataset, cfg, seed, n)
+    return part if method == "pathological" else apply_shots(part, dataset.train.labels, shots, seed)
 
 
 def partition_summary(partition: Partition, dataset) -> str:
