@@ -140,7 +140,28 @@ def test_an_exception_on_a_client_rank_aborts_the_world(tmp_path):
                                   "    raise RuntimeError('injected fault in local training')\n"
                                   "torch.optim.SGD.step = broken\n")
     assert p.returncode != 0
-    assert "[rank 2] Traceback" in p.stderr and "injected fault" in p.stderr
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error (rank 2): RuntimeError: injected fault"), p.stderr
+    kept = Path(errors[0].split("traceback in ")[1].rstrip(")"))
+    assert "Traceback" in kept.read_text() and "injected fault" in kept.read_text()
+    assert "Traceback" not in p.stderr
+    assert time.time() - start < 90
+
+
+def test_a_user_error_on_one_rank_mid_run_ends_every_rank(tmp_path):
+    # After the ranks agreed on their set-up, rank 2 alone meets a user error while training (as an
+    # image that fails to decode, or a non-finite loss, would): every rank ends, one line, exit 2.
+    start = time.time()
+    p = _run_with_fault_on_rank_2(tmp_path, "m",
+                                  "import torch\n"
+                                  "from pfedmoap.errors import PFedMoAPError\n"
+                                  "def broken(self, *a, **k):\n"
+                                  "    raise PFedMoAPError('client 4: loss is nan in round 1')\n"
+                                  "torch.optim.SGD.step = broken\n")
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error")]
+    assert errors == ["error (rank 2): client 4: loss is nan in round 1"], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
     assert time.time() - start < 90
 
 

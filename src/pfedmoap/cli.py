@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     except ReportedElsewhere:
         return 2
     except PFedMoAPError as e:
+        if comm.size > 1 and not getattr(e, "agreed", False):
+            comm_mod.fail(comm, e)    # met by this rank alone mid-run: the others must not wait
         # Ranks agree on user errors (comm.agree): exactly one of them prints the line. Without a
         # world (the launcher's processes each alone, see comm.world) the launcher's rank 0 does.
         if comm.size > 1 or comm_mod.launcher_rank() == 0:

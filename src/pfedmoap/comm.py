@@ -263,19 +263,35 @@ def agree(comm, error: PFedMoAPError | None) -> None:
     if first == comm.size:
         return
     if comm.rank == first:
+        error.agreed = True          # every rank stops here: no abort needed (cli.main)
         raise error
     raise ReportedElsewhere(f"rank {first} reported an error")
 
 
 def fail(comm, exc: BaseException) -> None:
-    """An exception on any rank ends the whole world: no rank waits forever in a collective."""
+    """An exception on one rank, after the ranks agreed on their set-up, ends the whole world: one
+    line from the failing rank, then MPI_Abort, so no rank waits forever in a collective.
+
+    A user error (PFedMoAPError: an unreadable image, a non-finite loss) exits 2; any other
+    exception is a bug: exit 1, its traceback kept in a file named on the line."""
+    where = "" if comm.size == 1 else f" (rank {comm.rank})"
     if isinstance(exc, PFedMoAPError):
-        print(f"error: {exc}" if comm.size == 1 else f"error (rank {comm.rank}): {exc}", file=sys.stderr)
+        print(f"error{where}: {exc}", file=sys.stderr)
         code = 2
     else:
-        tb = traceback.format_exception(exc)
-        prefix = f"[rank {comm.rank}] " if comm.size > 1 else ""
-        sys.stderr.write("".join(prefix + line for chunk in tb for line in chunk.splitlines(True)))
+        import tempfile
+        text = "".join(traceback.format_exception(exc))
+        try:
+            fd, path = tempfile.mkstemp(prefix=f"pfedmoap-rank{comm.rank}-", suffix=".traceback")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            kept = f"traceback in {path}"
+        except OSError:
+            kept = "traceback follows"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error{where}: {type(exc).__name__}: {first} ({kept})", file=sys.stderr)
+        if kept == "traceback follows":
+            sys.stderr.write(text)
         code = 1
     if comm.size > 1:
         comm.abort(code)
