@@ -102,6 +102,8 @@ class FedProxConfig:
 class DPConfig:
     clip: float = 0.0             # per-upload L2 bound on the prompt; 0 = off
     noise_multiplier: float = 0.0  # Gaussian noise std = noise_multiplier * clip
+    epsilon: float = 0.0          # client-level privacy budget after all rounds; 0 = not given (then noise_multiplier is used)
+    delta: float = 1e-5           # delta of the (epsilon, delta) guarantee, reported and used for calibration
 
 
 @dataclass
