@@ -1,5 +1,7 @@
 """The SLURM job scripts on a real (private, single-node) SLURM: a plain run, and a run that is
-signalled mid-way, requeues itself, resumes from its checkpoint and ends with the same results.
+signalled mid-way, requeues itself, resumes from its checkpoint and ends with the same results;
+`scontrol requeue` and `scancel` (SIGTERM) each logged as what SLURM then does; the sweep refusing
+to start without an array index, and jobs/submit.sh submitting it with logs/ and the --array made.
 
 Brings SLURM up with tools/slurm_local.sh (needs root and apt-get, or slurm-wlm installed) and tears
 it down afterwards unless it was already running.  Skipped with the reason when SLURM cannot be
@@ -29,6 +31,8 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "tools" / "slurm_local.sh"
 CPU_JOB = REPO / "jobs" / "cpu.sbatch"
+SWEEP_JOB = REPO / "jobs" / "sweep.sbatch"
+SUBMIT = REPO / "jobs" / "submit.sh"
 VENV = Path(sys.prefix)
 BIN = Path(sys.executable).parent
 SETS = os.environ.get(
@@ -108,7 +112,8 @@ def _job_env(slurm, out: Path) -> dict:
     env = dict(slurm["env"])
     env.update(PFEDMOAP_VENV=str(VENV), PFEDMOAP_CMD=_program(), OUT=str(out), SETS=SETS,
                CONFIG="", IF_EXISTS="")
-    for k in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_RESTART_COUNT"):  # if pytest runs inside a job
+    for k in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_RESTART_COUNT", "SLURM_ARRAY_TASK_ID",
+              "SLURM_ARRAY_JOB_ID", "ALGORITHMS", "SEEDS"):  # if pytest runs inside a job
         env.pop(k, None)
     return env
 
@@ -259,7 +264,88 @@ def test_scancel_stays_cancelled(slurm):
     text = _tail(log, 20000)
     assert info["JobState"] == "CANCELLED", f"{info}\n{text}"
     assert int(info.get("Restarts", 0)) == 0, f"scancel'd job requeued itself: {info}\n{text}"
-    assert "not requeueing" in text, text
+    assert "stopped by SIGTERM (scancel): not requeueing" in text, text
+    assert "SLURM is requeueing" not in text, text
     res = _results(out / "results.h5")
     assert res["status"] == "stopped", f"SIGTERM did not checkpoint the run:\n{text}"
     assert (out / "checkpoint.h5").exists()
+
+
+def test_scontrol_requeue_is_logged_as_a_requeue(slurm):
+    """`scontrol requeue` sends SIGTERM: the run checkpoints and exits 75, SLURM requeues the job
+    itself, and the log says so (it used to say "not requeueing")."""
+    out = slurm["dir"] / "requeued"
+    job, log = _submit(slurm, "requeued", out)
+    _wait_first_round(slurm, job, log, out)
+    r = subprocess.run(["scontrol", "requeue", job], env=slurm["env"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, f"scontrol requeue failed: {r.stderr}"
+
+    info = _wait_done(slurm, job, log)
+    text = _tail(log, 20000)
+    first = text.split("--if-exists resume")[0]  # the segment that got the SIGTERM
+    assert "program exited with 75" in first, text
+    assert f"stopped by SIGTERM: SLURM is requeueing job {job} itself" in first, text
+    assert "not requeueing" not in text, text
+    assert "requeueing job" not in first.replace("SLURM is requeueing job", ""), (
+        f"the script requeued the job a second time:\n{text}")
+    assert int(info.get("Restarts", 0)) == 1, f"{info}\n{text}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}"
+    res = _results(out / "results.h5")
+    assert res["status"] == "complete" and res["rounds_done"] == ROUNDS, text
+
+
+def _sweep_env(slurm, out: Path, algorithms: str, seeds: str) -> dict:
+    env = _job_env(slurm, out)
+    env.update(ALGORITHMS=algorithms, SEEDS=seeds)
+    return env
+
+
+def test_sweep_without_array_index_refuses_in_one_line(slurm):
+    """No --array (the script has no default any more): one job, one error line, exit 2, nothing
+    run and no run directory."""
+    out = slurm["dir"] / "sweep-noarray"
+    log = slurm["dir"] / "sweep-noarray.log"
+    r = subprocess.run(
+        ["sbatch", "--wait", "--parsable", "--job-name=sweep-noarray", f"--ntasks={NTASKS}",
+         "--nodes=1", "--time=5:00", f"--chdir={slurm['dir']}", f"--output={log}",
+         str(SWEEP_JOB)],
+        env=_sweep_env(slurm, out, "zeroshot promptfl", "0 1 2"), capture_output=True, text=True,
+        timeout=300)
+    job = r.stdout.strip().split(";")[0]
+    if job:
+        slurm["jobs"].append(job)
+    assert r.returncode == 2, f"sbatch --wait exited {r.returncode}: {r.stderr}\n{_tail(log)}"
+    info = _job_info(slurm, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: no array index") and "--array=0-5" in lines[0], lines
+    assert not out.exists()
+
+
+def test_submit_sh_makes_logs_dir_and_sweep_array(slurm):
+    """jobs/submit.sh: logs/ made under --chdir, --array computed from ALGORITHMS x SEEDS (one log
+    per pair, none left over), every run directory complete; the script's default --ntasks fits
+    this node."""
+    where = slurm["dir"] / "submit"
+    where.mkdir()
+    out = where / "sweep"
+    extra = [] if (os.cpu_count() or 1) >= 2 else ["--overcommit"]
+    r = subprocess.run(
+        [str(SUBMIT), str(SWEEP_JOB), "--wait", "--parsable", "--job-name=sweep-submit",
+         "--time=30:00", f"--chdir={where}", *extra],
+        env=_sweep_env(slurm, out, "zeroshot", "0 1"), capture_output=True, text=True,
+        timeout=JOB_TIMEOUT)
+    job = r.stdout.strip().split(";")[0]
+    if job:
+        slurm["jobs"].append(job)
+    logs = sorted((where / "logs").glob("*")) if (where / "logs").is_dir() else []
+    text = "\n".join(f"{p}:\n{_tail(p)}" for p in logs)
+    assert r.returncode == 0, f"submit.sh exited {r.returncode}: {r.stderr}\n{text}"
+    assert "--array=0-1" in r.stderr
+    assert [p.name for p in logs] == [f"sweep-submit-{job}_0.out", f"sweep-submit-{job}_1.out"]
+    assert not any(where.glob("*.out")), "a log landed in the submit directory"
+    for seed in (0, 1):
+        res = _results(out / "zeroshot" / f"seed{seed}" / "results.h5")
+        assert res["status"] == "complete" and res["rounds_done"] == 1, text

@@ -177,6 +177,7 @@ start() {
         *) die "node $HOST not usable after ${TIMEOUT}s (state '${st}'); see $DIR/log/" ;;
     esac
     log "node $HOST is $st"
+    log "it has $(SLURM_CONF=$CONF sinfo -h -N -n "$HOST" -o %c 2>/dev/null | head -n1) CPUs: a job asking for more stays PENDING (PartitionConfig) unless it has --overcommit; the scripts in jobs/ log to logs/: mkdir -p logs first (or use jobs/submit.sh)"
     echo "export SLURM_CONF=$CONF"
 }
 
