@@ -1,0 +1,97 @@
+"""PromptFL+FT: PromptFL, then every client fine-tunes the global prompt locally before it is
+evaluated: the "PromptFL+FT" baseline of pFedMoAP's tables (Luo et al., ICLR 2025, after FedOTP,
+Li et al., CVPR 2024); local fine-tuning of the federated model as personalisation: Wang et al. 2019,
+"Federated evaluation of on-device personalization"; Cheng et al. 2021, "Fine-tuning is fine in
+federated learning".
+
+When: every round, every evaluated client (the round loop evaluates every client) copies the new
+global prompt and fine-tunes the copy for `promptfl_ft.epochs` local epochs (0 = train.local_epochs)
+on its own training images, with CoOp's optimiser and schedule, then is evaluated with it. The
+accuracy of round r is thus "PromptFL stopped after round r, plus local fine-tuning".
+
+What it does not change: the federation. The fine-tuned copy is discarded after evaluation: never
+uploaded, never kept in the client's state (so checkpoints hold what PromptFL's hold), and the
+upload is the prompt trained from the global one, exactly as in `promptfl` — the global prompts of
+a promptfl_ft run equal those of a promptfl run with the same config. Its batches are keyed draws
+with their own purpose ("finetune", round, client), so they neither repeat the training batches nor
+depend on the number of ranks.
+
+Cost: N clients x `epochs` epochs of extra local training per round, on top of PromptFL's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import rng
+from ..config import MAX_ROUNDS, register_section
+from ..errors import PFedMoAPError
+from . import register
+from .coop import PromptFL, PromptFLClient
+
+
+@register_section("promptfl_ft")
+@dataclass
+class PromptFLFTConfig:
+    epochs: int = 0               # local fine-tuning epochs before evaluation; 0 = train.local_epochs
+
+    def validate(self):
+        if not 0 <= self.epochs <= MAX_ROUNDS:
+            raise PFedMoAPError(f"promptfl_ft.epochs = {self.epochs}: expected 0 to {MAX_ROUNDS} "
+                                f"(0 = train.local_epochs)")
+
+
+class Client(PromptFLClient):
+    """PromptFL's client; evaluated with a locally fine-tuned copy of the global prompt."""
+
+    def epochs(self) -> int:
+        return self.cfg.promptfl_ft.epochs or self.cfg.train.local_epochs
+
+    def finetune(self, global_ctx: torch.Tensor, data, round_: int, cid: int) -> torch.Tensor:
+        """A fine-tuned copy of `global_ctx` (n_ctx, W): SGD on the client's training images with
+        the training's hyper-parameters, warm-up then cosine over `epochs()` epochs, the last
+        partial batch dropped; batches (and augmented views) drawn by (seed, "finetune", round, client).
+        A client without training images gets the global prompt back."""
+        t, E = self.cfg.train, self.epochs()
+        n = len(data.train_y)
+        if n == 0:
+            return global_ctx.clone()
+        ctx = global_ctx.clone().requires_grad_(True)
+        opt = torch.optim.SGD([ctx], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        gen = rng.torch_generator(self.cfg.seed, "finetune", round_, cid)
+        bs = min(t.batch_size, n)
+        for epoch in range(E):
+            lr = t.warmup_lr if epoch < t.warmup_epochs else \
+                0.5 * t.lr * (1 + math.cos(math.pi * (epoch - t.warmup_epochs) / E))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            perm = torch.randperm(n, generator=gen)
+            x_all = data.train_x
+            if data.train_views is not None:
+                view = torch.randint(len(data.train_views), (n,), generator=gen)
+                x_all = data.train_views[view, torch.arange(n)]
+            for start in range(0, n - bs + 1, bs):
+                idx = perm[start:start + bs]
+                logits = self.logit_scale * x_all[idx] @ self.encoder(ctx).t()
+                loss = F.cross_entropy(logits, data.train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return ctx.detach()
+
+    def evaluate(self, state, data, round_, cid, down):
+        ctx = self.finetune(self.prompt(down["global_prompt"]), data, round_, cid)
+        with torch.no_grad():
+            text = self.encoder(ctx)
+        return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
+
+
+@register
+class PromptFLFT(PromptFL):
+    """PromptFL whose clients fine-tune the global prompt locally before evaluation (PromptFL+FT)."""
+    name = "promptfl_ft"
+    Client = Client
+
