@@ -64,9 +64,8 @@ class NearestServer(ServerPart):
 
 class NearestClient(ClientPart):
     def fit(self, state, data, round_, cid, down):
-        got = down["nearest_mean"]
-        if len(got):
-            state.ctx = self.prompt(got[0])
+        if "nearest_mean" in down:
+            state.ctx = self.prompt(down["nearest_mean"][0])
         self.train_prompt(state, data, round_, cid)
         return {"prompt": state.ctx.reshape(-1).numpy()}
 

@@ -1,4 +1,4 @@
-"""Expert selection (router.route) and the round's participants (federation.sample_participants)."""
+"""Expert selection (router.route) and the round's participants (algorithms.base.sample_participants)."""
 from __future__ import annotations
 
 import numpy as np
@@ -153,6 +153,14 @@ def test_sample_participants_count_sorted_unique(n_clients, frac, m):
     assert len(p) == m
     assert np.array_equal(p, np.sort(p)) and len(np.unique(p)) == m
     assert p.min() >= 0 and p.max() < n_clients
+
+
+@pytest.mark.parametrize("n_clients, frac, floor, nearest", [(10, 0.35, 3, 4), (7, 0.5, 3, 4), (30, 0.25, 7, 8),
+                                                             (3, 0.1, 1, 1)])
+def test_participant_count_truncates_as_the_reference_unless_asked(n_clients, frac, floor, nearest):
+    # the reference: m = max(int(frac * num_users), 1)
+    assert len(sample_participants(1, 0, n_clients, frac)) == floor
+    assert len(sample_participants(1, 0, n_clients, frac, "round")) == nearest
 
 
 def test_sample_participants_deterministic_and_varies():

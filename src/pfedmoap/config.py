@@ -79,23 +79,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     frac: float = 1.0             # fraction of clients sampled per round
+    frac_rounding: str = "floor"  # participants per round: max(1, floor(frac*N)) as the reference, or "round"
     eval_batch_size: int = 512
-
-
-@dataclass
-class MoEConfig:
-    n_experts: int = 10           # K, counting the local prompt
-    router: str = "knn"
-    lam: float = 0.5              # logits = lam * local + moe
-    gating_dim: int = 128
-    gating_heads: int = 8
-    scaling: float = 10.0
-    gating_lr: float = 0.01
-
-
-@dataclass
-class FedProxConfig:
-    mu: float = 0.5
 
 
 @dataclass
@@ -125,8 +110,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    fedprox: FedProxConfig = field(default_factory=FedProxConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     run: RunConfig = field(default_factory=RunConfig)
     # method-owned sections (register_section), e.g. cfg.fedamp; in TOML at the top level like the rest
@@ -317,9 +300,9 @@ def _check_types(obj, prefix: str = "") -> None:
 
 
 def validate(cfg: Config) -> None:
-    d, t, m = cfg.data, cfg.train, cfg.moe
+    d, t = cfg.data, cfg.train
     _check_types(cfg)
-    from . import algorithms, router
+    from . import algorithms
     from .data import partition
     _need(cfg.algorithm in algorithms.names(), f"algorithm = {cfg.algorithm!r}: expected one of {', '.join(algorithms.names())}")
     for sec in cfg.sections.values():
@@ -337,6 +320,8 @@ def validate(cfg: Config) -> None:
     _need(d.n_train >= 1 and d.n_test >= 1, "data.n_train and data.n_test: expected >= 1")
     if d.root:
         _need(Path(d.root).expanduser().is_dir(), f"data.root = {d.root!r}: directory does not exist")
+    _need(t.frac_rounding in ("floor", "round"),
+          f"train.frac_rounding = {t.frac_rounding!r}: expected floor (the reference's count) or round")
     _need(0 < t.frac <= 1, f"train.frac = {t.frac}: expected a fraction in (0, 1]")
     _need(t.local_epochs >= 1, f"train.local_epochs = {t.local_epochs}: expected >= 1")
     _need(t.batch_size >= 1, f"train.batch_size = {t.batch_size}: expected >= 1")
@@ -353,15 +338,6 @@ def validate(cfg: Config) -> None:
           f"prompt.n_ctx = {cfg.prompt.n_ctx}: expected 1 to {CLIP_CONTEXT - 4} (CLIP's text context "
           f"holds {CLIP_CONTEXT} tokens, including the class name, '.' and start/end tokens)")
     _need("{}" in cfg.prompt.template, f"prompt.template = {cfg.prompt.template!r}: expected a '{{}}' for the class name")
-    _need(m.n_experts >= 1, f"moe.n_experts = {m.n_experts}: expected K >= 1 (the local prompt counts)")
-    _need(m.router in router.names(), f"moe.router = {m.router!r}: expected one of {', '.join(router.names())}")
-    _need(m.gating_dim >= 1, f"moe.gating_dim = {m.gating_dim}: expected >= 1")
-    _need(m.gating_heads >= 1 and m.gating_dim % m.gating_heads == 0,
-          f"moe.gating_heads = {m.gating_heads}: expected a divisor of moe.gating_dim = {m.gating_dim}")
-    _need(m.scaling > 0, f"moe.scaling = {m.scaling}: expected > 0")
-    _need(m.lam >= 0, f"moe.lam = {m.lam}: expected >= 0 (logits = lam * local + moe)")
-    _need(m.gating_lr > 0, f"moe.gating_lr = {m.gating_lr}: expected > 0")
-    _need(cfg.fedprox.mu >= 0, f"fedprox.mu = {cfg.fedprox.mu}: expected >= 0")
     _need(cfg.dp.clip >= 0, f"dp.clip = {cfg.dp.clip}: expected >= 0 (0 = off)")
     _need(cfg.dp.noise_multiplier >= 0, f"dp.noise_multiplier = {cfg.dp.noise_multiplier}: expected >= 0")
     _need(cfg.dp.noise_multiplier == 0 or cfg.dp.clip > 0,

@@ -26,7 +26,7 @@ class Transport:
         """Payloads (root: name -> Broadcast | PerClient) to their clients.
 
         Returns each hosted client's downloads {cid: {name: array}} (a broadcast row, or the
-        client's (rows, width) block) and, on the root, the bytes each client received (N,)."""
+        client's (rows, width) block; an array a client was sent no row of is absent) and, on the root, the bytes each client received (N,)."""
         out = {int(c): {} for c in self.mine}
         if not specs:
             return out, np.zeros(self.N, np.int64) if self.root else None
@@ -77,7 +77,8 @@ class Transport:
             at = 0
             for i, c in enumerate(self.mine):
                 n = int(mine_counts[i, k])
-                out[int(c)][s.name] = rows[at:at + n]
+                if n:                    # a client holds an array only if it was sent rows of it
+                    out[int(c)][s.name] = rows[at:at + n]
                 at += n
         nbytes = None
         if self.root:

@@ -98,6 +98,8 @@ class ClientData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     train_views: torch.Tensor | None = None   # (V, n, D) augmented views; a random one per image per epoch
+    train_dense: torch.Tensor | None = None   # (n, M, D) float16, L2-normalised patch features (image_features = "dense")
+    test_dense: torch.Tensor | None = None    # (n_test, M, D) likewise
 
 
 @dataclass
@@ -125,9 +127,11 @@ def fedavg(prompts: np.ndarray, n_samples: np.ndarray) -> np.ndarray:
     return (w @ prompts.astype(np.float64)).astype(np.float32)
 
 
-def sample_participants(seed: int, round_: int, n_clients: int, frac: float) -> np.ndarray:
-    """The round's participants (sorted client ids), a pure function of the seed and the round."""
-    m = max(1, int(round(frac * n_clients)))
+def sample_participants(seed: int, round_: int, n_clients: int, frac: float, rounding: str = "floor") -> np.ndarray:
+    """The round's participants (sorted client ids), a pure function of the seed and the round.
+
+    max(1, floor(frac * N)) of them, as the reference code counts (`rounding="round"`: nearest)."""
+    m = max(1, int(frac * n_clients) if rounding == "floor" else int(round(frac * n_clients)))
     if m >= n_clients:
         return np.arange(n_clients)
     return np.sort(rng.numpy_rng(seed, "participants", round_).choice(n_clients, m, replace=False))
@@ -142,7 +146,8 @@ class ServerPart:
         self.method, self.cfg, self.n_clients = method, method.cfg, method.setup.n_clients
 
     def participants(self, round_: int) -> np.ndarray:
-        return sample_participants(self.cfg.seed, round_, self.n_clients, self.cfg.train.frac)
+        t = self.cfg.train
+        return sample_participants(self.cfg.seed, round_, self.n_clients, t.frac, t.frac_rounding)
 
     def configure_fit(self, round_: int, participants: np.ndarray) -> dict[str, Broadcast | PerClient]:
         """Payloads of the `fit_down` arrays; an array left out is not sent this round."""
@@ -317,6 +322,9 @@ class ClientPart:
 class Method:
     """A registered method: its declarations and its two parts (`Server`, `Client` classes)."""
     name = ""
+    # The frozen image features its clients get: "pooled" (ClientData.train_x/test_x only) or
+    # "dense" (also train_dense/test_dense, the patch features; see data/features.py).
+    image_features = "pooled"
     Server: type[ServerPart] = ServerPart
     Client: type[ClientPart] = ClientPart
 

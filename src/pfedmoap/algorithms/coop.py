@@ -1,9 +1,13 @@
 """CoOp-based baselines: `local` (no communication), `promptfl` (FedAvg of the prompt), `fedprox`."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from ..config import register_section
+from ..errors import PFedMoAPError
 from . import register
 from .base import Array, Arrays, Broadcast, ClientPart, Method, ServerPart, fedavg
 
@@ -86,6 +90,16 @@ class PromptFL(Method):
 
     def arrays(self) -> Arrays:
         return prompt_exchange(self.setup.prompt_size, evaluate_global=True)
+
+
+@register_section("fedprox")
+@dataclass
+class FedProxConfig:
+    mu: float = 0.5               # weight of the proximal term mu/2 * ||ctx - ctx_global||^2
+
+    def validate(self):
+        if self.mu < 0:
+            raise PFedMoAPError(f"fedprox.mu = {self.mu}: expected >= 0")
 
 
 class FedProxClient(PromptFLClient):

@@ -2,9 +2,20 @@
 client-side gating network.
 
 Server: the pool (each client's latest upload), the global prompt (FedAvg, the start of every
-participant's training) and the router, which picks K-1 experts from the pool for every client
-each round. Client: its prompt, its gating network and the gating network's optimiser, which
-never leave it.
+participant's training) and the router, which picks K-1 experts from the pool for a client.
+Client: its prompt, its gating network and the gating network's optimiser, which never leave it
+(unless the `moe.aggregate_gate` ablation FedAvgs the gating networks like the prompt).
+
+Participation (`moe.participation`), see docs/differences.md:
+- "paper" (default, the paper's §3 and the reference loop): a first-time participant (no entry
+  in the pool) trains the global prompt without experts and uploads it; a returning participant
+  trains with experts routed on the pool as it stood at the start of the round; after the round's
+  uploads, a non-participant whose gating network has trained is evaluated with experts routed
+  on the updated pool, one whose gate never trained with its prompt alone, and a client that never
+  trained with the current global prompt.
+- "snapshot": every client, every round, gets experts routed on the pool as it stood at the start
+  of the round (first-time participants train with them too); never-trained clients are evaluated
+  with their initial prompt. The behaviour of this project before issue 14.
 """
 from __future__ import annotations
 
@@ -14,58 +25,141 @@ import numpy as np
 import torch
 
 from .. import rng, router
-from ..clip.gating import GatingNetwork, moe_logits
+from ..clip.gating import GatingNetwork, LinearGate, moe_logits
+from ..config import register_section
+from ..errors import PFedMoAPError
 from . import register
-from .base import Array, Arrays, Broadcast, ClientPart, Log, Method, PerClient, PromptState, ServerPart, fedavg
+from .base import (Array, Arrays, Broadcast, ClientPart, Log, Method, PerClient, PromptState, ServerPart,
+                   fedavg)
+
+
+@register_section("moe")
+@dataclass
+class MoEConfig:
+    n_experts: int = 10           # K, counting the local prompt
+    router: str = "knn"           # see router.ROUTERS
+    lam: float = 0.5              # logits = lam * local + moe
+    gating_dim: int = 128
+    gating_heads: int = 8
+    scaling: float = 10.0
+    gating_lr: float = 0.01
+    gate: str = "attention"       # attention (the paper's) | linear (ablation)
+    aggregate_gate: bool = False  # ablation: FedAvg the gating networks like the prompt
+    gating_init: str = "shared"   # shared: one init for every client (the reference) | per_client
+    participation: str = "paper"  # paper | snapshot (see the module docstring)
+
+    def validate(self):
+        def need(ok, msg):
+            if not ok:
+                raise PFedMoAPError(msg)
+        need(self.n_experts >= 1, f"moe.n_experts = {self.n_experts}: expected K >= 1 (the local prompt counts)")
+        need(self.router in router.names(), f"moe.router = {self.router!r}: expected one of {', '.join(router.names())}")
+        need(self.gating_dim >= 1, f"moe.gating_dim = {self.gating_dim}: expected >= 1")
+        need(self.gating_heads >= 1 and self.gating_dim % self.gating_heads == 0,
+             f"moe.gating_heads = {self.gating_heads}: expected a divisor of moe.gating_dim = {self.gating_dim}")
+        need(self.scaling > 0, f"moe.scaling = {self.scaling}: expected > 0")
+        need(self.lam >= 0, f"moe.lam = {self.lam}: expected >= 0 (logits = lam * local + moe)")
+        need(self.gating_lr > 0, f"moe.gating_lr = {self.gating_lr}: expected > 0")
+        for key, value, allowed in (("gate", self.gate, ("attention", "linear")),
+                                    ("gating_init", self.gating_init, ("shared", "per_client")),
+                                    ("participation", self.participation, ("paper", "snapshot"))):
+            need(value in allowed, f"moe.{key} = {value!r}: expected one of {', '.join(allowed)}")
+
+
+def _mask(n: int, ids) -> np.ndarray:
+    m = np.zeros(n, bool)
+    m[ids] = True
+    return m
 
 
 class Server(ServerPart):
     def __init__(self, method):
         super().__init__(method)
         N, P = self.n_clients, method.setup.prompt_size
-        self.E = method.n_experts
+        self.E, self.m = method.n_experts, self.cfg.moe
         self.pool = np.zeros((N, P), np.float32)
         self.in_pool = np.zeros(N, bool)
+        self.gate_trained = np.zeros(N, bool)     # the client has trained with experts at least once
         self.global_prompt: np.ndarray | None = None
-        self.expert_ids = np.zeros((N, self.E), np.int32)
+        self.global_gating: np.ndarray | None = None
+        self.expert_ids = np.full((N, self.E), -1, np.int32)
+        self._routed = np.zeros(N, bool)          # clients with experts this round
+
+    def _route(self, clients: np.ndarray, round_: int) -> np.ndarray:
+        # a client that never uploaded is compared by the global prompt (knn)
+        own = self.pool[clients]
+        queries = np.where(self.in_pool[clients][:, None], own,
+                           self.global_prompt if self.global_prompt is not None else 0.0)
+        return router.route(self.m.router, self.pool, self.in_pool, queries, clients, self.E, self.cfg.seed, round_)
+
+    def _experts(self, clients: np.ndarray, round_: int) -> dict:
+        ids = self._route(clients, round_)
+        self.expert_ids[clients] = ids
+        self._routed[clients] = True
+        counts = np.zeros(self.n_clients, np.int64)
+        counts[clients] = 1
+        valid = np.zeros(self.n_clients, np.int64)
+        valid[clients] = (ids >= 0).sum(1)
+        return {"expert_ids": PerClient(ids, counts), "experts": PerClient(self.pool[ids[ids >= 0]], valid)}
 
     def configure_fit(self, round_, participants):
         out = {}
+        self.expert_ids[:] = -1
+        self._routed[:] = False
         if self.global_prompt is not None:
-            to = np.zeros(self.n_clients, bool)
-            to[participants] = True
-            out["global_prompt"] = Broadcast(self.global_prompt, to)
+            out["global_prompt"] = Broadcast(self.global_prompt, _mask(self.n_clients, participants))
+        if self.global_gating is not None:
+            out["global_gating"] = Broadcast(self.global_gating, _mask(self.n_clients, participants))
         if self.E:
-            # every client gets experts (also non-participants: they are evaluated with them),
             # routed on the pool as it stands before this round's uploads
-            clients = np.arange(self.n_clients)
-            # a client that never uploaded is compared by the global prompt (knn)
-            queries = np.where(self.in_pool[:, None], self.pool,
-                               self.global_prompt if self.global_prompt is not None else 0.0)
-            ids = router.route(self.cfg.moe.router, self.pool, self.in_pool, queries, clients, self.E,
-                               self.cfg.seed, round_)
-            self.expert_ids = ids
-            out["expert_ids"] = PerClient(ids, np.ones(self.n_clients, np.int64))
-            out["experts"] = PerClient(self.pool[ids[ids >= 0]], (ids >= 0).sum(1))
+            if self.m.participation == "snapshot":
+                clients = np.arange(self.n_clients)       # also non-participants, evaluated with them
+            else:
+                clients = participants[self.in_pool[participants]]   # first-timers train without
+            out.update(self._experts(clients, round_))
         return out
 
     def aggregate_fit(self, round_, participants, uploads):
+        had = participants[(self.expert_ids[participants] >= 0).any(1)] if self.E else participants[:0]
+        self.gate_trained[had] = True
         self.pool[participants] = uploads["prompt"]
         self.in_pool[participants] = True
-        self.global_prompt = fedavg(uploads["prompt"], uploads["n_samples"][:, 0])
+        n = uploads["n_samples"][:, 0]
+        self.global_prompt = fedavg(uploads["prompt"], n)
+        if "gating" in uploads:
+            self.global_gating = fedavg(uploads["gating"], n)
+
+    def configure_evaluate(self, round_):
+        out = {}
+        if self.m.participation == "paper":
+            everyone = np.arange(self.n_clients)
+            never = ~self.in_pool
+            if never.any():
+                out["eval_prompt"] = Broadcast(self.global_prompt, never)
+            if self.E:
+                late = everyone[~self._routed & self.gate_trained]     # routed on the updated pool
+                if len(late):
+                    out.update(self._experts(late, round_))
+        if self.global_gating is not None:
+            out["global_gating"] = Broadcast(self.global_gating, np.ones(self.n_clients, bool))
+        return out
 
     def logs(self):
-        return {"experts": self.expert_ids} if self.E else {}
+        return {"experts": self.expert_ids.copy()} if self.E else {}
 
     def state_dict(self):
-        return {"pool": self.pool, "in_pool": self.in_pool,
-                "global_prompt": np.zeros(0, np.float32) if self.global_prompt is None else self.global_prompt}
+        empty = np.zeros(0, np.float32)
+        return {"pool": self.pool, "in_pool": self.in_pool, "gate_trained": self.gate_trained,
+                "global_prompt": empty if self.global_prompt is None else self.global_prompt,
+                "global_gating": empty if self.global_gating is None else self.global_gating}
 
     def load_state_dict(self, state):
         self.pool[...] = state["pool"]
         self.in_pool[...] = state["in_pool"]
-        g = state["global_prompt"]
+        self.gate_trained[...] = state["gate_trained"]
+        g, gg = state["global_prompt"], state["global_gating"]
         self.global_prompt = np.array(g, np.float32) if len(g) else None
+        self.global_gating = np.array(gg, np.float32) if len(gg) else None
 
 
 @dataclass
@@ -77,15 +171,23 @@ class State(PromptState):
 class Client(ClientPart):
     def __init__(self, method):
         super().__init__(method)
+        self.m = self.cfg.moe
         self._experts: dict[int, torch.Tensor | None] = {}    # this round's expert features per client
+        self._round = -1
+        self._eval_text: tuple[int, torch.Tensor] | None = None
 
     def init_state(self, cid: int) -> State:
         ctx = super().init_state(cid).ctx
-        m, t = self.cfg.moe, self.cfg.train
+        m, t = self.m, self.cfg.train
+        # shared: one init for every client, as the reference's single model gives them
+        key = rng.key(self.cfg.seed, "gating-init", 0, cid if m.gating_init == "per_client" else 0)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(rng.key(self.cfg.seed, "gating-init", 0, cid))
-            gating = GatingNetwork(self.backbone.embed_dim, m.gating_dim, m.gating_heads,
-                                   m.scaling).to(self.backbone.device)
+            torch.manual_seed(key)
+            if m.gate == "linear":
+                gating = LinearGate(self.backbone.embed_dim, m.gating_dim, m.n_experts)
+            else:
+                gating = GatingNetwork(self.backbone.embed_dim, m.gating_dim, m.gating_heads, m.scaling)
+            gating = gating.to(self.backbone.device)
         # The gating optimiser belongs to the client and persists across rounds.
         opt = torch.optim.SGD(gating.parameters(), lr=m.gating_lr, momentum=t.momentum, weight_decay=t.weight_decay)
         for p in gating.parameters():
@@ -98,16 +200,27 @@ class Client(ClientPart):
         params = list(state.gating.parameters())
         return [state.ctx, *params, *(state.gating_opt.state[p]["momentum_buffer"] for p in params)]
 
+    def gating_vector(self, state: State) -> np.ndarray:
+        return torch.cat([p.detach().reshape(-1).cpu() for p in state.gating.parameters()]).numpy()
+
+    def load_gating(self, state: State, row: np.ndarray) -> None:
+        v, n = torch.from_numpy(np.array(row, np.float32)), 0
+        with torch.no_grad():
+            for p in state.gating.parameters():
+                p.copy_(v[n:n + p.numel()].reshape(p.shape))
+                n += p.numel()
+
     def prepare(self, round_, downloads):
         """Each distinct expert's text features, encoded once per rank (no graph: experts are frozen)."""
-        if not any("expert_ids" in d for d in downloads.values()):
-            return
+        if round_ != self._round:
+            self._experts, self._round = {}, round_
         cache: dict[int, torch.Tensor] = {}
-        self._experts = {}
         for cid, d in downloads.items():
+            if "expert_ids" not in d:
+                continue
             ids = d["expert_ids"].reshape(-1)
             feats = []
-            for row, e in zip(d["experts"], ids[ids >= 0]):
+            for row, e in zip(d.get("experts", ()), ids[ids >= 0]):
                 if int(e) not in cache:
                     cache[int(e)] = self.encoder.encode_frozen(self.prompt(row).unsqueeze(0))[0]
                 feats.append(cache[int(e)])
@@ -121,15 +234,28 @@ class Client(ClientPart):
     def fit(self, state: State, data, round_, cid, down):
         if "global_prompt" in down:
             state.ctx = self.prompt(down["global_prompt"])
-        lam = self.cfg.moe.lam
+        if "global_gating" in down:
+            self.load_gating(state, down["global_gating"])
+        lam = self.m.lam
         self.train_prompt(state, data, round_, cid, others=(state.gating_opt,),
                           logits=lambda own, x: moe_logits(state.gating, x, self._mixture(own, cid),
                                                            self.logit_scale, lam)[0])
-        return {"prompt": self.upload_prompt(state.ctx, round_, cid), "n_samples": [len(data.train_y)]}
+        up = {"prompt": self.upload_prompt(state.ctx, round_, cid), "n_samples": [len(data.train_y)]}
+        if self.m.aggregate_gate:
+            up["gating"] = self.gating_vector(state)
+        return up
 
     def evaluate(self, state: State, data, round_, cid, down):
-        text = self._mixture(self.own_text(state, cid), cid)
-        return self.score(data, lambda x: moe_logits(state.gating, x, text, self.logit_scale, self.cfg.moe.lam))
+        if "global_gating" in down:
+            self.load_gating(state, down["global_gating"])
+        if "eval_prompt" in down:          # never trained: the current global prompt, no experts
+            if self._eval_text is None or self._eval_text[0] != round_:
+                with torch.no_grad():
+                    self._eval_text = (round_, self.encoder(self.prompt(down["eval_prompt"])))
+            text = self._eval_text[1].unsqueeze(0)
+        else:
+            text = self._mixture(self.own_text(state, cid), cid)
+        return self.score(data, lambda x: moe_logits(state.gating, x, text, self.logit_scale, self.m.lam))
 
 
 @register
@@ -142,15 +268,29 @@ class PFedMoAP(Method):
         self.n_experts = self.cfg.moe.n_experts - 1       # non-local experts per client
 
     def arrays(self) -> Arrays:
-        P, E = self.setup.prompt_size, self.n_experts
+        P, E, m = self.setup.prompt_size, self.n_experts, self.cfg.moe
         experts = (Array("expert_ids", E, "int32"), Array("experts", P)) if E else ()
-        return Arrays(fit_down=(Array("global_prompt", P, broadcast=True), *experts),
-                      up=(Array("prompt", P), Array("n_samples", 1)))
+        gating = ()
+        up = (Array("prompt", P), Array("n_samples", 1))
+        if m.aggregate_gate:
+            G = self._gating_size()
+            gating = (Array("global_gating", G, broadcast=True),)
+            up += (Array("gating", G),)
+        eval_prompt = (Array("eval_prompt", P, broadcast=True),) if m.participation == "paper" else ()
+        return Arrays(fit_down=(Array("global_prompt", P, broadcast=True), *gating, *experts),
+                      up=up, eval_down=(*eval_prompt, *experts, *gating))
+
+    def _gating_size(self) -> int:
+        m, D = self.cfg.moe, self.setup.backbone.embed_dim
+        gate = LinearGate(D, m.gating_dim, m.n_experts) if m.gate == "linear" else \
+            GatingNetwork(D, m.gating_dim, m.gating_heads, m.scaling)
+        return sum(p.numel() for p in gate.parameters())
 
     def logs(self) -> tuple[Log, ...]:
         if not self.n_experts:
             return ()
         K = self.n_experts + 1
-        return (Log("experts", (K - 1,), "int32", -1, "server", "non-local expert client ids received, -1 padded"),
+        return (Log("experts", (K - 1,), "int32", -1, "server",
+                    "non-local expert client ids the client trained or was evaluated with, -1 padded"),
                 Log("gate_weight", (K,), "float32", float("nan"), "client",
                     "mean gating weight per expert on the test split, local first; NaN where none"))

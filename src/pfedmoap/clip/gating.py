@@ -11,17 +11,23 @@ from torch import nn
 from ..errors import PFedMoAPError
 
 
-class GatingNetwork(nn.Module):
-    def __init__(self, embed_dim: int, dim: int = 128, heads: int = 8, scaling: float = 10.0):
+class _Gate(nn.Module):
+    def __init__(self, embed_dim: int, dim: int):
         super().__init__()
         if dim > embed_dim or embed_dim % dim:
             raise PFedMoAPError(f"moe.gating_dim = {dim}: expected a divisor of the CLIP embedding dim {embed_dim}")
-        self.stride, self.dim, self.heads, self.scaling = embed_dim // dim, dim, heads, scaling
-        self.w_q, self.w_k, self.w_v, self.w_o = (nn.Linear(dim, dim) for _ in range(4))
+        self.stride, self.dim = embed_dim // dim, dim
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Every r-th coordinate (strided sub-sampling, as the reference code does)."""
         return x[..., ::self.stride]
+
+
+class GatingNetwork(_Gate):
+    def __init__(self, embed_dim: int, dim: int = 128, heads: int = 8, scaling: float = 10.0):
+        super().__init__(embed_dim, dim)
+        self.heads, self.scaling = heads, scaling
+        self.w_q, self.w_k, self.w_v, self.w_o = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor):
         """image_feats (B, D); text_feats (K, C, D), local first.
@@ -37,6 +43,22 @@ class GatingNetwork(nn.Module):
         weights = scores.softmax(dim=-1)                                  # over the K experts
         mixed = torch.einsum("bchk,kche->bche", weights, v).reshape(B, C, self.dim)
         return self.w_o(mixed), weights.mean(dim=2)
+
+
+class LinearGate(_Gate):
+    """The ablation's linear gate (`moe.gate = "linear"`): one linear map of the pooled image feature
+    to K scores, softmax over the experts available, and T_MoE = the weighted sum of the experts'
+    pooled text features. Class-independent weights, no value or output projection."""
+
+    def __init__(self, embed_dim: int, dim: int, n_experts: int):
+        super().__init__(embed_dim, dim)
+        self.score = nn.Linear(dim, n_experts)
+
+    def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor):
+        K, C = text_feats.shape[:2]
+        weights = (self.score(self.pool(image_feats))[:, :K]).softmax(dim=-1)          # (B, K)
+        mixed = torch.einsum("bk,kcd->bcd", weights, self.pool(text_feats))
+        return mixed, weights[:, None, :].expand(-1, C, -1)
 
 
 def moe_logits(gating: GatingNetwork, image_feats: torch.Tensor, text_feats: torch.Tensor,
