@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import io
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,27 +22,36 @@ N, C, K = 4, 3, 3  # clients, classes, experts including the local one
 
 
 def write_run(root, name, *, algorithm="pfedmoap", seed=0, n_rounds=6, rounds_done=None,
-              status="complete", lr=0.002, schema_version=1):
-    """A results.h5 as the layout describes it, with seeded random metrics; returns its arrays."""
+              status="complete", lr=0.002, schema_version=1, n_clients=N, k=K, beta=0.5, shots=0,
+              frac=1.0, gate=None, experts=None):
+    """A results.h5 as the layout describes it, with seeded random metrics; returns its arrays.
+    Schema 2 writes `experts`/`gate_weight` only for pfedmoap (method-declared logs) and the
+    phases comm, prepare, train, eval, write. `gate`: (R, N, K) gating weights, `experts`: (R, N, K-1) ids to write."""
     rounds_done = n_rounds if rounds_done is None else rounds_done
     rng = np.random.default_rng([seed, len(name)])
-    r = rounds_done
+    r, N, K = rounds_done, n_clients, k  # noqa: N806 (the module's sizes, overridable)
+    phases = ["train", "exchange", "eval"] if schema_version < 2 else [
+        "comm", "prepare", "train", "eval", "write"]
     arrays = {
         "accuracy": rng.uniform(0.2, 0.9, (r, N)).astype(np.float32),
         "macro_f1": rng.uniform(0.1, 0.8, (r, N)).astype(np.float32),
         "loss": rng.uniform(0.5, 2.0, (r, N)).astype(np.float32),
         "participated": rng.random((r, N)) < 0.7,
         "experts": np.stack([[np.roll(np.arange(N), -(i + 1 + t % 2))[:K - 1] for i in range(N)]
-                             for t in range(r)]).astype(np.int32).reshape(r, N, K - 1),
-        "gate_weight": rng.dirichlet(np.ones(K), (r, N)).astype(np.float32),
+                             for t in range(r)]).astype(np.int32).reshape(r, N, K - 1)
+        if experts is None else experts.astype(np.int32),
+        "gate_weight": (rng.dirichlet(np.ones(K), (r, N)) if gate is None else gate)
+        .astype(np.float32),
         "bytes_up": rng.integers(1000, 5000, (r, N)).astype(np.int64),
         "bytes_down": rng.integers(1000, 9000, (r, N)).astype(np.int64),
-        "phase_time": rng.random((r, 2, 3)).astype(np.float32),
+        "phase_time": rng.random((r, 2, len(phases))).astype(np.float32),
         "wall_time": rng.random(r).astype(np.float32),
     }
     if r:
         arrays["experts"][0] = -1  # first round: no non-local expert yet
         arrays["gate_weight"][0, :, 1:] = np.nan
+    if schema_version >= 2 and algorithm != "pfedmoap":
+        del arrays["experts"], arrays["gate_weight"]
     run_dir = root / name
     run_dir.mkdir(parents=True)
     config = textwrap.dedent(f"""\
@@ -52,9 +62,12 @@ def write_run(root, name, *, algorithm="pfedmoap", seed=0, n_rounds=6, rounds_do
         dataset = "digits"
         partition = "dirichlet"
         n_clients = {N}
+        beta = {beta}
+        shots = {shots}
         [train]
         lr = {lr}
         rounds = {n_rounds}
+        frac = {frac}
         """)
     with h5py.File(run_dir / "results.h5", "w") as f:
         f.attrs.update(schema_version=schema_version, package_version="0.1.0", config=config,
@@ -71,7 +84,7 @@ def write_run(root, name, *, algorithm="pfedmoap", seed=0, n_rounds=6, rounds_do
         group = f.create_group("rounds")
         for key, value in arrays.items():
             group.create_dataset(key, data=value, maxshape=(None,) + value.shape[1:])
-        group["phase_time"].attrs["phases"] = ["train", "exchange", "eval"]
+        group["phase_time"].attrs["phases"] = phases
     return arrays
 
 
@@ -287,6 +300,11 @@ def test_report_of_real_runs_matches_their_hdf5(tmp_path):
         p = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         assert p.returncode == 0, p.stderr[-2000:]
         runs.append(out)
+        with h5py.File(out / "results.h5") as f:  # the console's per-round line: percent
+            percent = 100 * f["rounds/accuracy"][()].astype(np.float64).mean(axis=1)
+        shown = [float(v) for v in re.findall(r"round \d+/2  mean accuracy (\d+\.\d\d)%  ",
+                                              p.stdout + p.stderr)]
+        assert shown == pytest.approx(percent, abs=0.006), (p.stdout + p.stderr)[-2000:]
     last = []
     for out in runs:
         with h5py.File(out / "results.h5") as f:
@@ -300,3 +318,124 @@ def test_report_of_real_runs_matches_their_hdf5(tmp_path):
     report_main([str(r) for r in runs], "table", str(plots))
     pngs = list(plots.glob("*.png"))
     assert any(p.name.startswith("experts_") for p in pngs) and all(p.stat().st_size > 0 for p in pngs)
+
+
+# ------------------------------------------------------------------------ figures for papers
+
+def _visible_ticks(axis):
+    lo, hi = sorted(axis.get_view_interval())
+    return [t for t in axis.get_majorticklocs() if lo - 1e-9 <= t <= hi + 1e-9]
+
+
+def _groups(paths):
+    from pfedmoap.analysis import group_runs
+    return group_runs([load_run(p) for p in paths])
+
+
+def test_accuracy_figure_has_integer_rounds_a_named_band_and_the_setting(tmp_path):
+    from pfedmoap.analysis import accuracy_figure, setting
+    paths = [write_run(tmp_path, f"s{s}", seed=s, n_rounds=3, beta=0.1, shots=16, frac=0.3) and
+             tmp_path / f"s{s}" for s in (0, 1, 2)]
+    paths.append(write_run(tmp_path, "one", algorithm="promptfl", n_rounds=3, beta=0.1, shots=16,
+                           frac=0.3) and tmp_path / "one")
+    groups = _groups(paths)
+    title = setting(groups[0].runs[0])
+    assert title == "digits, dirichlet β=0.1, 16 shots, 4 clients (30% per round)"
+    fig = accuracy_figure(groups, title)
+    ax = fig.axes[0]
+    ticks = _visible_ticks(ax.xaxis)
+    assert ticks and all(float(t).is_integer() and t >= 1 for t in ticks), ticks
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert "pfedmoap (mean ± std over 3 seeds)" in labels
+    assert "promptfl (seed 0)" in labels
+    assert ax.get_title() == title
+
+
+def test_titles_carry_the_setting_not_the_directory_name(tmp_path):
+    """Two sweeps, each with a run in `seed0`: figures named apart, titles from the configs."""
+    write_run(tmp_path / "sweep-a", "seed0", beta=0.1)
+    write_run(tmp_path / "sweep-b", "seed0", beta=1.0)
+    runs = [load_run(tmp_path / w / "seed0") for w in ("sweep-a", "sweep-b")]
+    from pfedmoap.analysis import expert_figure, gating_figure, group_runs, plot_runs
+    groups = group_runs(runs)
+    titles = {expert_figure(g.runs[0], g.variant).axes[0].get_title() for g in groups}
+    titles |= {gating_figure(g.runs[0], g.variant).axes[0].get_title() for g in groups}
+    assert len(titles) == 4 and not any("seed0" in t for t in titles), titles
+    assert {t.splitlines()[1] for t in titles} == {"digits, dirichlet β=0.1, 4 clients",
+                                                   "digits, dirichlet β=1, 4 clients"}
+    names = sorted(p.name for p in plot_runs(runs, tmp_path / "figs"))
+    assert "accuracy_digits_dirichlet_dirichlet_beta0.1_4_clients.png" in names
+    assert "accuracy_digits_dirichlet_dirichlet_beta1_4_clients.png" in names
+    assert "experts_seed0.png" in names and "experts_seed0-2.png" in names
+
+
+def test_expert_heatmap_stays_readable_with_many_clients_and_k_equal_n(tmp_path):
+    from pfedmoap.analysis import expert_figure
+    n, rounds = 40, 5
+    others = np.array([[j for j in range(n) if j != i] for i in range(n)])
+    write_run(tmp_path, "many", n_clients=n, k=n, n_rounds=rounds,
+              experts=np.broadcast_to(others, (rounds, n, n - 1)))
+    run = load_run(tmp_path / "many")
+    fig = expert_figure(run)
+    ax, bar = fig.axes
+    assert not ax.texts, "per-cell labels on a 40 x 40 heatmap"
+    assert bar.get_ylabel() == "rounds selected"
+    for axis in (ax.xaxis, ax.yaxis):
+        ticks = _visible_ticks(axis)
+        assert 2 <= len(ticks) <= 10 and all(float(t).is_integer() for t in ticks), ticks
+    image = ax.get_images()[0]
+    assert image.get_clim() == (0, rounds)  # the off-diagonal R is not the colour scale's 0
+    assert "K = N = 40" in ax.get_title()
+    small = expert_figure(load_run(write_run(tmp_path, "few") and tmp_path / "few"))
+    assert len(small.axes[0].texts) == N * N  # small N keeps its counts in the cells
+
+
+def test_gating_figure_keeps_near_uniform_weights_flat(tmp_path):
+    """0.1000 ± 0.0002 over ten experts must not be drawn as a cliff: y is [0, 1]."""
+    from pfedmoap.analysis import gating_figure
+    n, k, rounds = 12, 10, 6
+    rng = np.random.default_rng(0)
+    gate = 0.1 + rng.uniform(-2e-4, 2e-4, (rounds, n, k))
+    write_run(tmp_path, "flat", n_clients=n, k=k, n_rounds=rounds, gate=gate,
+              experts=np.tile(np.arange(1, k), (rounds, n, 1)))
+    ax = gating_figure(load_run(tmp_path / "flat")).axes[0]
+    assert ax.get_ylim() == (0, 1)
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels[0] == "local" and "uniform 1/K = 1/10" in labels
+    assert len(ax.get_lines()) <= 9  # local + 6 experts + the mean of the rest + 1/K
+    assert all(float(t).is_integer() for t in _visible_ticks(ax.xaxis))
+
+
+def test_schema_2_runs_are_reported_and_plotted(tmp_path):
+    """Schema 2: experts/gate_weight only where the method declares them (pfedmoap), the phases
+    comm, prepare, train, eval, write; mixed with a schema 1 run."""
+    for s in (0, 1):
+        write_run(tmp_path, f"moap{s}", seed=s, schema_version=2)
+        write_run(tmp_path, f"fl{s}", seed=s, algorithm="promptfl", schema_version=2)
+    write_run(tmp_path, "old", algorithm="promptfl", seed=5, lr=0.5, schema_version=1)
+    paths = [str(tmp_path / n) for n in ("moap0", "moap1", "fl0", "fl1", "old")]
+    run = load_run(paths[2])
+    assert "experts" not in run.rounds and run.rounds["phases"][-1] == "write"
+    text = report_main(paths, plot_dir=str(tmp_path / "figs"))
+    rows = [line for line in text.splitlines() if line.startswith(("pfedmoap", "promptfl"))]
+    assert len(rows) == 3 and all("complete" in r for r in rows)
+    names = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert [n for n in names if n.startswith(("experts_", "gating_"))] == [
+        "experts_moap0.png", "experts_moap1.png", "gating_moap0.png", "gating_moap1.png"]
+
+
+def test_console_final_table_shows_percent():
+    from types import SimpleNamespace
+    from pfedmoap.cli import _final_table
+    outcomes = [(SimpleNamespace(algorithm="pfedmoap", out="runs/a"),
+                 SimpleNamespace(mean_accuracy=[0.5, 0.8125], domain_accuracy={"a": 0.25, "b": 1.0})),
+                (SimpleNamespace(algorithm="zeroshot", out="runs/b"),
+                 SimpleNamespace(mean_accuracy=[0.375], domain_accuracy={"a": 0.5, "b": 0.5}))]
+    text = _final_table(outcomes)
+    assert "mean client accuracy per round (%)" in text
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith(("pfedmoap", "zeroshot")):
+            rows.setdefault(line.split()[0], []).append(line.split()[1:])
+    assert rows["pfedmoap"] == [["50.00", "81.25"], ["25.00", "100.00"]], text
+    assert rows["zeroshot"] == [["37.50", "37.50"], ["50.00", "50.00"]], text

@@ -290,13 +290,49 @@ def _csv(rows: list[Row]) -> str:
 
 # --------------------------------------------------------------------------------------- figures
 
-def plot_runs(runs: list[Run], out_dir: str | Path) -> list[Path]:
-    """Write PNG figures into out_dir and return their paths: per data set and partition, the mean
-    accuracy per round (band: ± std over seeds) and the final per-client accuracies (a box per
-    group, clients of all seeds pooled); per pfedmoap run, the expert-selection counts (N x N) and
-    the mean gating weight per expert rank over rounds."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or state is touched
+MAX_GATING_LINES = 8  # local + 7 experts drawn one by one; the rest of K as their mean
 
+
+def setting(run: Run) -> str:
+    """The experimental setting, for figure titles: data set, split with its parameter (Dirichlet
+    β, classes per client, shots) and clients (with the fraction sampled per round when < 1), read
+    from the run's resolved config (the `config` attribute of results.h5), falling back to the
+    file's attributes. E.g. `cifar100, dirichlet β=0.5, 100 clients (10% per round)`."""
+    data = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
+    train = run.config.get("train") if isinstance(run.config.get("train"), dict) else {}
+    dataset = str(data.get("dataset", run.attrs.get("dataset", "?")))
+    partition = str(data.get("partition", run.attrs.get("partition", "?")))
+    split = [partition]
+    beta, shots = data.get("beta"), data.get("shots")
+    per_domain = data.get("clients_per_domain", 1)
+    if partition.startswith("dirichlet") and _number(beta):
+        split[0] += f" β={beta:g}"
+    elif partition == "pathological" and _number(data.get("classes_per_client")) \
+            and data["classes_per_client"] > 0:
+        split[0] += f" {data['classes_per_client']} classes/client"
+    elif partition == "domain" and _number(per_domain) and per_domain > 1:
+        split[0] += f" {per_domain} clients/domain" + (f" β={beta:g}" if _number(beta) else "")
+    if _number(shots) and shots > 0:
+        split.append(f"{shots} shots")
+    n = run.attrs.get("n_clients", data.get("n_clients", "?"))
+    clients = f"{n} clients"
+    frac = train.get("frac")
+    if _number(frac) and 0 < frac < 1:
+        clients += f" ({frac:.0%} per round)"
+    return ", ".join([dataset] + split + [clients])
+
+
+def run_label(run: Run, variant: str = "") -> str:
+    """`pfedmoap [variant], seed 0`: which run a per-run figure shows."""
+    return " ".join([run.algorithm] + ([variant] if variant else [])) + f", seed {run.seed}"
+
+
+def plot_runs(runs: list[Run], out_dir: str | Path) -> list[Path]:
+    """Write PNG figures into out_dir and return their paths: per setting (data set, split,
+    clients), the mean accuracy per round (band: ± std over seeds) and the final per-client
+    accuracies (a box per group, clients of all seeds pooled); per run that logged them (pfedmoap),
+    the expert-selection counts (N x N) and the mean gating weight per expert rank over rounds.
+    Titles carry the setting (`setting`), not the run directory's name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = [g for g in group_runs(runs) if g.runs[0].readable and g.runs[0].n_done > 0]
@@ -307,49 +343,139 @@ def plot_runs(runs: list[Run], out_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         written.append(path)
 
-    for (dataset, partition) in dict.fromkeys(g.label[1:] for g in groups):
-        members = [g for g in groups if g.label[1:] == (dataset, partition)]
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
-        ax = fig.add_subplot()
-        n_max = max(g.runs[0].n_done for g in members)
-        for group in members:
-            curves = 100 * np.stack([r.accuracy_curve() for r in group.runs])
-            mean = curves.mean(axis=0)
-            if len(mean) == 1:  # zeroshot: one evaluation, drawn across the whole axis
-                ax.axhline(mean[0], linestyle="--", color="gray", label=_legend(group))
-                continue
-            x = np.arange(1, len(mean) + 1)
-            (line,) = ax.plot(x, mean, marker="o", markersize=3, label=_legend(group))
-            if len(group.runs) > 1:
-                std = curves.std(axis=0, ddof=1)
-                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set(xlabel="round", ylabel="mean client accuracy (%)", xlim=(0.5, max(n_max, 1) + 0.5),
-               title=f"{dataset} / {partition}")
-        ax.legend(fontsize="small")
-        save(fig, f"accuracy_{dataset}_{partition}")
-
-        fig = Figure(figsize=(max(5, 1.2 * len(members) + 2), 4.5), layout="constrained")
-        ax = fig.add_subplot()
-        finals = [100 * np.concatenate([r.rounds["accuracy"][-1] for r in g.runs]) for g in members]
-        ax.boxplot([f[np.isfinite(f)] for f in finals])
-        ax.set_xticks(range(1, len(members) + 1), [_legend(g) for g in members],
-                      rotation=20, ha="right")
-        ax.set(ylabel="final accuracy per client (%)", title=f"{dataset} / {partition}")
-        save(fig, f"client_accuracy_{dataset}_{partition}")
+    by_setting: dict[str, list[Group]] = {}
+    for group in groups:
+        by_setting.setdefault(setting(group.runs[0]), []).append(group)
+    shared = {}  # (dataset, partition) -> number of settings with it: several get longer names
+    for members in by_setting.values():
+        shared[members[0].label[1:]] = shared.get(members[0].label[1:], 0) + 1
+    for title, members in by_setting.items():
+        dataset, partition = members[0].label[1:]
+        suffix = f"{dataset}_{partition}"
+        if shared[(dataset, partition)] > 1:
+            suffix += "_" + title.split(", ", 1)[1].replace("β=", "beta")
+        save(accuracy_figure(members, title), f"accuracy_{suffix}")
+        save(client_accuracy_figure(members, title), f"client_accuracy_{suffix}")
 
     stems: set[str] = set()
-    for run in (r for g in groups for r in g.runs if r.algorithm == "pfedmoap"):
-        base = stem = _slug(run.name)
-        copy = 1
-        while stem in stems:  # sweeps often repeat a leaf name (a/seed0, b/seed0)
-            copy += 1
-            stem = f"{base}-{copy}"
-        stems.add(stem)
-        if "experts" in run.rounds:
-            save(_expert_figure(Figure, run), f"experts_{stem}")
-        if "gate_weight" in run.rounds:
-            save(_gating_figure(Figure, run), f"gating_{stem}")
+    for group in groups:
+        for run in group.runs:
+            if run.attrs.get("schema_version") == 1 and run.algorithm != "pfedmoap":
+                continue  # schema 1 wrote experts/gate_weight for every method, filled for none
+            if "experts" not in run.rounds and "gate_weight" not in run.rounds:
+                continue  # schema 2: only methods that declare these logs write them
+            base = stem = _slug(run.name)
+            copy = 1
+            while stem in stems:  # sweeps often repeat a leaf name (a/seed0, b/seed0)
+                copy += 1
+                stem = f"{base}-{copy}"
+            stems.add(stem)
+            if "experts" in run.rounds:
+                save(expert_figure(run, group.variant), f"experts_{stem}")
+            if "gate_weight" in run.rounds:
+                save(gating_figure(run, group.variant), f"gating_{stem}")
     return written
+
+
+def accuracy_figure(groups: list[Group], title: str = ""):
+    """Mean client accuracy (%) per round, one line per group, the band ± std over its seeds
+    (named so in the legend); zeroshot (one evaluation) as a dashed level. Integer round ticks."""
+    from matplotlib.legend_handler import HandlerTuple
+
+    fig, ax = _figure((7, 4.5))
+    handles, labels = [], []
+    n_max = max([g.runs[0].n_done for g in groups] + [1])
+    for group in groups:
+        curves = 100 * np.stack([r.accuracy_curve() for r in group.runs])
+        mean = curves.mean(axis=0)
+        n = len(group.runs)
+        std = curves.std(axis=0, ddof=1) if n > 1 else None
+        name = " ".join([group.runs[0].algorithm] + ([group.variant] if group.variant else []))
+        if len(mean) == 1:  # zeroshot: one evaluation, drawn across the whole axis
+            line = ax.axhline(mean[0], linestyle="--", color="gray")
+            band = None if std is None else ax.axhspan(mean[0] - std[0], mean[0] + std[0],
+                                                      color="gray", alpha=0.15)
+        else:
+            x = np.arange(1, len(mean) + 1)
+            (line,) = ax.plot(x, mean, marker="o", markersize=3)
+            band = None if std is None else ax.fill_between(x, mean - std, mean + std,
+                                                            color=line.get_color(), alpha=0.2)
+        handles.append(line if band is None else (band, line))
+        labels.append(_legend(group))
+    ax.set(xlabel="round", ylabel="mean client accuracy (%)", xlim=(0.5, n_max + 0.5),
+           title=title)
+    _integer_ticks(ax.xaxis)
+    ax.legend(handles, labels, fontsize="small", handler_map={tuple: HandlerTuple(ndivide=1)})
+    return fig
+
+
+def client_accuracy_figure(groups: list[Group], title: str = ""):
+    """The final accuracy (%) of every client, a box per group (clients of all seeds pooled)."""
+    fig, ax = _figure((max(5, 1.2 * len(groups) + 2), 4.5))
+    finals = [100 * np.concatenate([r.rounds["accuracy"][-1] for r in g.runs]) for g in groups]
+    ax.boxplot([f[np.isfinite(f)] for f in finals])
+    ax.set_xticks(range(1, len(groups) + 1), [_legend(g) for g in groups], rotation=20,
+                  ha="right")
+    ax.set(ylabel="final accuracy per client (%)", title=title)
+    return fig
+
+
+def expert_figure(run: Run, variant: str = ""):
+    """Heatmap of `expert_counts`: [i, j] = rounds in which client j was one of client i's
+    experts, on a fixed 0..rounds colour scale with a colorbar. Cells carry their counts only
+    while they are large enough to read (N <= 12); ticks are thinned past 16 clients. When every
+    client gets every other one as an expert (K = N) the title says so."""
+    from matplotlib.ticker import MaxNLocator
+
+    counts = expert_counts(run)
+    n = len(counts)
+    fig, ax = _figure((5.5, 4.8))
+    top = max(run.n_done, int(counts.max()), 1)
+    image = ax.imshow(counts, cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
+    colorbar = fig.colorbar(image, ax=ax, label="rounds selected")
+    colorbar.locator = MaxNLocator(integer=True)
+    colorbar.update_ticks()
+    if n <= 16:
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+    else:
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    if n <= 12:
+        for (i, j), value in np.ndenumerate(counts):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                    color="white" if value < top / 2 else "black")
+    k = run.rounds["experts"].shape[-1] + 1 if run.rounds["experts"].ndim == 3 else 0
+    lines = [f"expert selection: {run_label(run, variant)}", setting(run)]
+    if n > 1 and k >= n:
+        lines.append(f"K = N = {n}: each client's experts are all the other clients")
+    ax.set_title("\n".join(lines), fontsize="medium")
+    ax.set(xlabel="expert client", ylabel="client")
+    return fig
+
+
+def gating_figure(run: Run, variant: str = ""):
+    """Mean gating weight per expert rank over rounds (local first, drawn thicker), y fixed to
+    [0, 1] with the uniform weight 1/K dotted, so that 0.1000 ± 0.0002 reads as flat. Past
+    MAX_GATING_LINES ranks the remaining ones are drawn as their mean."""
+    weights = mean_gate_weight(run)
+    k = weights.shape[1]
+    fig, ax = _figure((7, 4.5))
+    x = np.arange(1, len(weights) + 1)
+    shown = k if k <= MAX_GATING_LINES else MAX_GATING_LINES - 1
+    for j in range(shown):
+        ax.plot(x, weights[:, j], marker="o", markersize=3,
+                label="local" if j == 0 else f"expert {j}", linewidth=2.5 if j == 0 else 1)
+    if shown < k:
+        ax.plot(x, _nanmean(weights[:, shown:], axis=1), marker="o", markersize=3, color="gray",
+                label=f"experts {shown}-{k - 1} (mean)")
+    if k > 1:
+        ax.axhline(1 / k, linestyle=":", color="black", linewidth=1, label=f"uniform 1/K = 1/{k}")
+    ax.set(xlabel="round", ylabel="mean gating weight", ylim=(0, 1), xlim=(0.5, len(x) + 0.5))
+    ax.set_title(f"gating: {run_label(run, variant)}\n{setting(run)}", fontsize="medium")
+    _integer_ticks(ax.xaxis)
+    ax.legend(fontsize="small", ncols=2)
+    return fig
 
 
 def expert_counts(run: Run) -> np.ndarray:
@@ -367,44 +493,27 @@ def mean_gate_weight(run: Run) -> np.ndarray:
     return _nanmean(run.rounds["gate_weight"], axis=1)
 
 
-def _expert_figure(Figure, run: Run):
-    counts = expert_counts(run)
-    n = len(counts)
-    fig = Figure(figsize=(5.5, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(counts, cmap="viridis")
-    fig.colorbar(image, ax=ax, label="rounds selected")
-    if n <= 32:
-        ax.set_xticks(range(n))
-        ax.set_yticks(range(n))
-    if n <= 16:
-        for (i, j), value in np.ndenumerate(counts):
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                    color="white" if value < counts.max() / 2 else "black")
-    ax.set(xlabel="expert client", ylabel="client", title=f"expert selection: {run.name}")
-    return fig
+def _figure(size):
+    from matplotlib.figure import Figure  # no pyplot: no global backend or state is touched
+
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.add_subplot()
 
 
-def _gating_figure(Figure, run: Run):
-    weights = mean_gate_weight(run)
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    x = np.arange(1, len(weights) + 1)
-    for k in range(weights.shape[1]):
-        ax.plot(x, weights[:, k], marker="o", markersize=3,
-                label="local" if k == 0 else f"expert {k}", linewidth=2.5 if k == 0 else 1)
-    ax.set(xlabel="round", ylabel="mean gating weight", title=f"gating: {run.name}")
-    ax.legend(fontsize="small", ncols=2)
-    return fig
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def _legend(group: Group) -> str:
+    """`pfedmoap [variant] (mean ± std over 3 seeds)`, or `(seed 0)` for one run."""
     run = group.runs[0]
     parts = [run.algorithm] + ([group.variant] if group.variant else [])
-    if run.status != "complete":
-        parts.append(f"(seed {run.seed}, {run.status})")
     if len(group.runs) > 1:
-        parts.append(f"n={len(group.runs)}")
+        parts.append(f"(mean ± std over {len(group.runs)} seeds)")
+    else:
+        parts.append(f"(seed {run.seed}" + (f", {run.status})" if run.status != "complete" else ")"))
     return " ".join(parts)
 
 
@@ -465,6 +574,10 @@ def _name_variants(groups: list[Group]) -> None:
                        if len({json.dumps(other.get(key), default=str) for other in flats}) > 1})
         for group, flat in zip(members, flats):
             group.variant = ", ".join(f"{k}={flat.get(k)}" for k in keys)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _slug(text: str) -> str:

@@ -134,18 +134,18 @@ def _final_table(outcomes) -> str:
     rounds = max(len(o.mean_accuracy) for _, o in outcomes)
     shown = list(range(rounds))[-10:]           # the last ten rounds at most
     head = f"{'method':<10}" + "".join(f"{'r' + str(i + 1):>8}" for i in shown)
-    lines = ["", "mean client accuracy per round", head, "-" * len(head)]
+    lines = ["", "mean client accuracy per round (%)", head, "-" * len(head)]
     for cfg, o in outcomes:
         accs = {i: a for i, a in enumerate(o.mean_accuracy)}
         # a one-round method (zeroshot) is shown at every round for comparison
-        lines.append(f"{cfg.algorithm:<10}" + "".join(f"{accs.get(i, o.mean_accuracy[-1]):8.4f}" for i in shown))
+        lines.append(f"{cfg.algorithm:<10}" + "".join(f"{100 * accs.get(i, o.mean_accuracy[-1]):8.2f}" for i in shown))
     domains = list(outcomes[0][1].domain_accuracy)
     if len(domains) > 1:
         head = f"{'method':<10}" + "".join(f"{d[:9]:>10}" for d in domains)
-        lines += ["", "accuracy per domain at the last round (all clients' test images pooled)", head,
+        lines += ["", "accuracy per domain at the last round (%, all clients' test images pooled)", head,
                   "-" * len(head)]
         for cfg, o in outcomes:
-            lines.append(f"{cfg.algorithm:<10}" + "".join(f"{o.domain_accuracy.get(d, float('nan')):10.4f}"
+            lines.append(f"{cfg.algorithm:<10}" + "".join(f"{100 * o.domain_accuracy.get(d, float('nan')):10.2f}"
                                                          for d in domains))
     lines.append(f"results: {', '.join(str(Path(c.out) / 'results.h5') for c, _ in outcomes)}")
     return "\n".join(lines)

@@ -191,7 +191,7 @@ class Federation:
             domain_accuracy=metrics[:, 3:3 + n_dom], bytes_up=bytes_up, bytes_down=bytes_down + eval_bytes,
             phase_time=phases.reshape(self.comm.size, len(PHASES)), wall_time=time.perf_counter() - t_round,
             logs=logs))
-        self.log(f"round {r + 1}/{self.rounds}  mean accuracy {np.nanmean(metrics[:, 0]):.4f}  "
+        self.log(f"round {r + 1}/{self.rounds}  mean accuracy {100 * np.nanmean(metrics[:, 0]):.2f}%  "
                  f"participants {len(participants)}/{N}  {time.perf_counter() - t_round:.1f}s")
         self.results.add_time(time.perf_counter() - t)
 
