@@ -39,6 +39,17 @@ class Outcome:
     domain_accuracy: dict[str, float] = field(default_factory=dict)   # last round, all clients' test images together
 
 
+def _check_finite(round_: int, cid: int, values: dict, what: str) -> None:
+    """A NaN or infinity stops the run (exit 2, one line) before anything of this round is written:
+    the last checkpoint stays the last good state and results.h5 is never marked complete."""
+    for name, v in values.items():
+        a = np.asarray(v)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise PFedMoAPError(f"round {round_ + 1}, client {cid}: {what} {name!r} is not finite "
+                                f"(diverged? lower train.lr, check dp.noise_multiplier and moe.lam); "
+                                f"the run stops, its last checkpoint is the last good state")
+
+
 class Federation:
     def __init__(self, cfg: Config, comm, log=print):
         self.cfg, self.comm, self.log = cfg, comm, log
@@ -58,14 +69,24 @@ class Federation:
     # ------------------------------------------------------------------ run
     def run(self, run_dir: str | Path, if_exists: str = "refuse") -> Outcome:
         run_dir = Path(run_dir)
-        start, ckpt, error = 0, None, None
+        start, ckpt, error, self.lock = 0, None, None, None
         if self.root:
             try:
-                start, ckpt = store.open_run(run_dir, if_exists, self.cfg.hash(), self._checkpoint_shapes())
+                start, ckpt, self.lock = store.open_run(run_dir, if_exists, self.cfg.hash(),
+                                                        self._checkpoint_shapes())
                 self._open_results(run_dir, start)
             except PFedMoAPError as e:
                 error = e
+                if self.lock is not None:
+                    self.lock.release()
         comm_mod.agree(self.comm, error)
+        try:
+            return self._rounds(run_dir, start, ckpt)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _rounds(self, run_dir: Path, start: int, ckpt) -> Outcome:
         start = int(self.comm.bcast(np.array([start], np.int64))[0])
         if start > 0:
             self._restore(ckpt)
@@ -142,6 +163,7 @@ class Federation:
             if is_part[c]:
                 bar.update()
                 uploads[int(c)] = self.client.fit(self.states[int(c)], self.build.data[int(c)], r, int(c), down[int(c)])
+                _check_finite(r, int(c), uploads[int(c)], "upload")
         phase["train"] += time.perf_counter() - t
 
         # up: one Gatherv per declared array; the server turns them into its next state
@@ -162,6 +184,8 @@ class Federation:
             bar.update()
             c = int(c)
             res = self.client.evaluate(self.states[c], self.build.data[c], r, c, {**down[c], **eval_down[c]})
+            if len(self.build.data[c].test_y):
+                _check_finite(r, c, {"test loss": res.loss}, "evaluation")
             metrics[i, :3] = res.accuracy, res.macro_f1, res.loss
             metrics[i, 3:3 + n_dom] = self.build.domain_accuracy(c, res.correct)
             at = 3 + n_dom

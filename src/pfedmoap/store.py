@@ -277,18 +277,72 @@ def has_run(run_dir: Path) -> bool:
 
 
 IF_EXISTS = ("refuse", "resume", "overwrite")
+LOCK = ".pfedmoap.lock"
 
 
-def open_run(run_dir: Path, if_exists: str, config_hash: str,
-             expected: dict[str, tuple[int, ...]]) -> tuple[int, dict[str, np.ndarray] | None]:
-    """The run-directory policy (rank 0): (rounds already done, checkpoint arrays or None).
+class RunLock:
+    """An exclusive lock on a run directory, held by rank 0 for the whole run.
 
-    refuse: a directory that holds a run is an error; overwrite: its results and checkpoint go;
-    resume: its checkpoint must come from the same configuration and hold arrays of the `expected`
-    shapes (path -> shape), else one clear error before anything is computed."""
+    flock(2) on a file inside the directory: the kernel releases it when the process ends, however
+    it ends (SIGKILL included), so a stale lock never blocks a later run. The file names the holder
+    (host, pid) for the error message. On file systems without flock support (some NFS mounts)
+    locking fails with one clear line rather than silently allowing two writers."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        import socket
+        self.path = Path(run_dir) / LOCK
+        try:
+            self.fh = open(self.path, "a+")
+        except OSError as e:
+            raise PFedMoAPError(f"--out {run_dir}: cannot create {LOCK} ({e.strerror})") from None
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise PFedMoAPError(f"--out {run_dir}: another run ({holder}) is writing to this directory; "
+                                f"wait for it or choose another --out") from None
+        except OSError as e:
+            self.fh.close()
+            raise PFedMoAPError(f"--out {run_dir}: cannot lock {LOCK} ({e.strerror}); the file system "
+                                f"may not support flock") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.fh.flush()
+
+    def release(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()          # closing drops the flock; the file stays (harmless)
+
+
+def open_run(run_dir: Path, if_exists: str, config_hash: str, expected: dict[str, tuple[int, ...]]
+             ) -> tuple[int, dict[str, np.ndarray] | None, RunLock]:
+    """The run-directory policy (rank 0): (rounds already done, checkpoint arrays or None, the lock).
+
+    The directory is locked first (RunLock; release it when the run ends): a second run into it
+    is refused. Then refuse: a directory that holds a run is an error; overwrite: its results and
+    checkpoint go; resume: its checkpoint must come from the same configuration and hold arrays of
+    the `expected` shapes (path -> shape), else one clear error before anything is computed."""
     run_dir = Path(run_dir)
     if if_exists not in IF_EXISTS:
         raise PFedMoAPError(f"--if-exists {if_exists!r}: expected one of {', '.join(IF_EXISTS)}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PFedMoAPError(f"--out {run_dir}: cannot create the directory ({e.strerror})") from None
+    lock = RunLock(run_dir)
+    try:
+        start, ckpt = _policy(run_dir, if_exists, config_hash, expected)
+    except BaseException:
+        lock.release()
+        raise
+    return start, ckpt, lock
+
+
+def _policy(run_dir: Path, if_exists: str, config_hash: str, expected: dict) -> tuple[int, dict | None]:
     start, ckpt = 0, None
     if has_run(run_dir):
         if if_exists == "refuse":
@@ -309,5 +363,4 @@ def open_run(run_dir: Path, if_exists: str, config_hash: str,
                     raise PFedMoAPError(f"{file}: {key} has shape {None if got is None else got.shape}, "
                                         f"this run expects {tuple(shape)} (a checkpoint of another run?)")
             start, ckpt = int(attrs["round"]), arrays
-    run_dir.mkdir(parents=True, exist_ok=True)
     return start, ckpt

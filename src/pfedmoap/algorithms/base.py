@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dp, rng
+from ..errors import PFedMoAPError
 
 
 # ---------------------------------------------------------------------------- declarations
@@ -282,6 +283,11 @@ class ClientPart:
                 loss = F.cross_entropy(logits(self.encoder(ctx), x_all[idx]), data.train_y[idx])
                 if penalty is not None:
                     loss = loss + penalty(ctx)
+                if not torch.isfinite(loss):
+                    raise PFedMoAPError(f"round {round_ + 1}, client {cid}: training loss is {float(loss.detach())} "
+                                        f"in local epoch {epoch + 1} (diverged? lower train.lr, check "
+                                        f"dp.noise_multiplier and moe.lam); the run stops, its last "
+                                        f"checkpoint is the last good state")
                 opt.zero_grad(set_to_none=True)
                 for o in others:
                     o.zero_grad(set_to_none=True)
