@@ -33,15 +33,22 @@ class Build:
 
     def _inputs(self) -> None:
         cfg, comm = self.cfg, self.comm
+        method_cls = algorithms.get(cfg.algorithm)
+        self.dense = method_cls.image_features == "dense"
+        if self.dense and cfg.data.augment_views:
+            raise PFedMoAPError(f"data.augment_views = {cfg.data.augment_views}: algorithm = {cfg.algorithm!r} "
+                                f"uses dense (patch) image features, which are not computed for augmented "
+                                f"views; set data.augment_views = 0")
         self.dataset = load_dataset(cfg.data)
         self.partition = make_partition(self.dataset, cfg.data, cfg.seed)
         self.N = len(self.partition.train)
         self.n_train = np.array([len(t) for t in self.partition.train], np.int64)
         self.owner = comm_mod.place_clients(self.n_train, comm.size)
         self.mine = np.flatnonzero(self.owner == comm.rank)
-        method_cls = algorithms.get(cfg.algorithm)
         m = cfg.model
         self.backbone = Backbone(m.name, m.pretrained, m.device, m.precision, rng.key(cfg.seed, "backbone-init"))
+        if self.dense:
+            feature_cache.check_dense(self.backbone)
         n_ctx = context_length(cfg.prompt.n_ctx, cfg.prompt.init, self.backbone)
         self.encoder = PromptEncoder(self.backbone, self.dataset.classnames, n_ctx,
                                      truncate=cfg.run.truncate_eos, shared_prefix=cfg.run.shared_prefix)
@@ -52,6 +59,8 @@ class Build:
         self.state_size = len(self.client.state_vector(self.client.init_state(0)))
 
     def _client_data(self) -> dict[int, algorithms.ClientData]:
+        if self.dense:
+            return self._dense_client_data()
         d = self.cfg.data
         feats = self._image_features()
         dev = self.backbone.device
@@ -87,6 +96,47 @@ class Build:
                 x = feature_cache.compute(self.backbone, images, idx, view=view)
             out[split if view is None else f"view{view}"] = x
         return out
+
+    def _dense_client_data(self) -> dict[int, algorithms.ClientData]:
+        """Each hosted client's image features with its dense (patch) features: this rank reads or
+        computes only the rows of its own clients (peak memory: those rows, about twice)."""
+        dev = self.backbone.device
+        rows = {split: self._dense_features(split) for split in ("train", "test")}
+
+        def take(split, ids):
+            idx, x, dense = rows[split]
+            pos = np.searchsorted(idx, ids)
+            return torch.from_numpy(x[pos]).to(dev), torch.from_numpy(dense[pos]).to(dev)
+
+        out = {}
+        for c in self.mine:
+            tr, te = self.partition.train[c], self.partition.test[c]
+            (xtr, dtr), (xte, dte) = take("train", tr), take("test", te)
+            out[int(c)] = algorithms.ClientData(
+                xtr, torch.from_numpy(self.dataset.train.labels[tr]).to(dev),
+                xte, torch.from_numpy(self.dataset.test.labels[te]).to(dev),
+                train_dense=dtr, test_dense=dte)
+        return out
+
+    def _dense_features(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the split's image ids this rank's clients hold, sorted; their (k, D) features; their
+        (k, M, D) dense features). Cached in HDF5 as `_image_features` (rank 0 writes the file)."""
+        images = getattr(self.dataset, split)
+        idx = np.unique(np.concatenate([getattr(self.partition, split)[c] for c in self.mine]
+                                       + [np.zeros(0, np.int64)]).astype(np.int64))
+        if not self.cfg.data.cache_dir:
+            return (idx, *feature_cache.compute_dense(self.backbone, images, idx))
+        key = feature_cache.cache_key(self.backbone, self.dataset, split, kind="dense")
+        path = feature_cache.cache_path(self.cfg.data.cache_dir, key)
+        shape = feature_cache.dense_shape(self.backbone)
+        if self.comm.rank == 0 and feature_cache.read_dense(path, len(images), shape, idx[:0]) is None:
+            feature_cache.write_dense(path, self.backbone, images)
+        self.comm.barrier()
+        got = feature_cache.read_dense(path, len(images), shape, idx)
+        if got is None:     # only this rank: a traceback and an abort, not a hang
+            raise RuntimeError(f"feature cache {path} is not readable from rank {self.comm.rank} "
+                               f"(data.cache_dir on a file system the ranks do not share?)")
+        return (idx, *got)
 
     def partition_arrays(self) -> dict:
         """The split as results.h5 records it (/partition)."""

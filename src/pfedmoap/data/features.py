@@ -29,13 +29,15 @@ def train_transform(backbone):
                       T.RandomHorizontalFlip(), T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(), normalize])
 
 
-def cache_key(backbone, dataset, split_name: str, view: int | None = None) -> str:
+def cache_key(backbone, dataset, split_name: str, view: int | None = None, kind: str = "pooled") -> str:
     """What the cached features of one split (and view) depend on: the backbone's weights and
-    preprocessing, the images' names and where their content comes from (see `content_id`)."""
+    preprocessing, the images' names and where their content comes from (see `content_id`).
+    `kind` "dense" (see `write_dense`) keys another file; "pooled" keeps the keys of older caches."""
     split = getattr(dataset, split_name)
     h = hashlib.sha256()
+    extra = () if kind == "pooled" else (f"kind={kind}", DENSE_FORMAT)
     for part in (backbone.name, backbone.weights_id, str(backbone.preprocess), dataset.name, split_name,
-                 backbone.precision, f"view={view}", *split.keys, content_id(split)):
+                 backbone.precision, f"view={view}", *extra, *split.keys, content_id(split)):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:20]
 
@@ -124,3 +126,130 @@ def write(path: Path, feats: np.ndarray) -> None:
     with h5py.File(tmp, "w") as f:
         f.create_dataset("features", data=feats)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- dense (patch) features
+#
+# For methods that declare `image_features = "dense"` (FedOTP): one pass of the visual tower gives
+# the pooled feature (B, D) and M dense features (B, M, D) (`pfedmoap.clip.dense`; ModifiedResNet
+# towers in the FedOTP reference's "attention" reading). Both are L2-normalised; the dense ones
+# are then rounded to float16, in memory as in the HDF5 cache, so a run reads the same numbers
+# whether its features came from the cache or were just computed (half the memory, and the
+# cosine similarities OT needs lose ~1e-3 relative). The pooled feature stays float32.
+#
+# Cache file (data.cache_dir/features-<key>.h5, key with kind="dense"): datasets "features"
+# (n, D) float32 and "dense" (n, M, D) float16, chunked by DENSE_ROWS images; written image chunk
+# by image chunk (memory bounded by one chunk), read back a block at a time for the rows a rank
+# needs (no rank holds the whole split's dense features).
+
+DENSE_FORMAT = "dense-v1:l2-normalised:float16:resnet=attention"
+DENSE_DTYPE = np.float16
+DENSE_ROWS = 16              # HDF5 chunk: images per chunk of the "dense" dataset
+
+
+def check_dense(backbone) -> None:
+    """Refuse, in one line, a visual tower without dense features."""
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import VisionTransformer
+    visual = backbone.model.visual
+    ok = isinstance(visual, ModifiedResNet) or (isinstance(visual, VisionTransformer)
+                                                and getattr(visual, "attn_pool", None) is None)
+    if not ok:
+        raise PFedMoAPError(f"model.name = {backbone.name!r}: its visual tower ({type(visual).__name__}) has no "
+                            f"dense (patch) features, which this method needs; use an open_clip ViT or "
+                            f"ModifiedResNet (RN50, ...) model")
+
+
+def _encode_dense(backbone, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    from ..clip.dense import dense_image_features
+    with torch.no_grad(), backbone.autocast():
+        x, dense = dense_image_features(backbone.model, images.to(backbone.device))
+    x = torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy()
+    dense = torch.nn.functional.normalize(dense.float(), dim=-1).to(torch.float16).cpu().numpy()
+    return x, dense
+
+
+def dense_shape(backbone) -> tuple[int, int]:
+    """(M, D): dense features per image and their width (one forward pass of a blank image)."""
+    size = backbone.model.visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    _, dense = _encode_dense(backbone, torch.zeros(1, 3, *size))
+    return dense.shape[1], dense.shape[2]
+
+
+def _dense_chunks(backbone, split, need: np.ndarray):
+    """(start, stop, features, dense) for each fixed chunk of the split holding a needed image
+    (the same chunks at any number of ranks, as `compute`)."""
+    for start in range(0, len(split), CHUNK):
+        stop = min(start + CHUNK, len(split))
+        if need[start:stop].any():
+            images = torch.stack([backbone.preprocess(split.load(i)) for i in range(start, stop)])
+            yield (start, stop, *_encode_dense(backbone, images))
+
+
+def compute_dense(backbone, split, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Features of the images `indices` (sorted, unique): ((k, D) float32, (k, M, D) float16), in
+    the order of `indices`; only the chunks holding them are encoded, only their rows are kept."""
+    indices = np.asarray(indices, np.int64)
+    M, D = dense_shape(backbone)
+    x = np.zeros((len(indices), D), np.float32)
+    dense = np.zeros((len(indices), M, D), DENSE_DTYPE)
+    need = np.zeros(len(split), bool)
+    need[indices] = True
+    for start, stop, fx, fd in _dense_chunks(backbone, split, need):
+        lo, hi = np.searchsorted(indices, [start, stop])
+        x[lo:hi] = fx[indices[lo:hi] - start]
+        dense[lo:hi] = fd[indices[lo:hi] - start]
+    return x, dense
+
+
+def write_dense(path: Path, backbone, split) -> None:
+    """Encode the whole split into `path`, chunk by chunk; atomic as `write`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PFedMoAPError(f"data.cache_dir = {str(path.parent)!r}: cannot create: {e.strerror}") from None
+    n = len(split)
+    M, D = dense_shape(backbone)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            fx = f.create_dataset("features", (n, D), np.float32)
+            fd = f.create_dataset("dense", (n, M, D), DENSE_DTYPE, chunks=(max(1, min(DENSE_ROWS, n)), M, D))
+            f.attrs["format"] = DENSE_FORMAT
+            for start, stop, x, dense in _dense_chunks(backbone, split, np.ones(n, bool)):
+                fx[start:stop] = x
+                fd[start:stop] = dense
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_dense(path: Path, n: int, shape: tuple[int, int], indices: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached rows `indices` (sorted, unique) as `compute_dense` gives them, or None when the
+    file is missing or does not match (n images, (M, D) = shape). Reads a block at a time."""
+    if not path.exists():
+        return None
+    M, D = shape
+    indices = np.asarray(indices, np.int64)
+    try:
+        with h5py.File(path, "r") as f:
+            fx, fd = f["features"], f["dense"]
+            if (f.attrs.get("format") != DENSE_FORMAT or fx.shape != (n, D) or fd.shape != (n, M, D)
+                    or fd.dtype != DENSE_DTYPE):
+                return None
+            x = np.zeros((len(indices), D), np.float32)
+            dense = np.zeros((len(indices), M, D), DENSE_DTYPE)
+            for start in range(0, n, CHUNK):
+                lo, hi = np.searchsorted(indices, [start, start + CHUNK])
+                if lo == hi:
+                    continue
+                stop = int(indices[hi - 1]) + 1
+                first = int(indices[lo])
+                x[lo:hi] = fx[first:stop][indices[lo:hi] - first]
+                dense[lo:hi] = fd[first:stop][indices[lo:hi] - first]
+    except (OSError, KeyError):
+        return None
+    return x, dense
