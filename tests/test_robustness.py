@@ -96,3 +96,21 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     with open(out / ".pfedmoap.lock") as f:                    # released at the end of the run
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_dp_budget_sets_the_noise_and_epsilon_is_logged_per_round(tmp_path):
+    from pfedmoap import dp, store
+    p = _run(tmp_path / "r", ["dp.clip=1", "dp.epsilon=25", "dp.delta=0.05", "train.frac=0.5"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = store.read_results(tmp_path / "r")
+    a, eps = res["attrs"], res["rounds"]["dp_epsilon"]
+    sigma = dp.noise_for(25, 0.05, 0.5, 3)                   # 2 of 4 clients per round, 3 rounds
+    assert a["dp_noise_multiplier"] == pytest.approx(sigma) and a["dp_delta"] == 0.05
+    assert eps.shape == (3,) and (abs(eps - dp.epsilon_per_round(sigma, 0.5, 3, 0.05)) < 1e-9).all()
+    assert eps[-1] <= 25 and eps[-1] == pytest.approx(25, rel=0.01) and (abs(eps[:-1]) < eps[-1]).all()
+
+
+def test_dp_budget_and_noise_together_are_refused(tmp_path):
+    p = _run(tmp_path / "r", ["dp.clip=1", "dp.epsilon=25", "dp.noise_multiplier=1"], timeout=60)
+    assert p.returncode == 2 and _errors(p.stderr) == [
+        "error: dp.epsilon > 0 needs dp.clip > 0 and dp.noise_multiplier = 0: give the budget or the noise, not both"]

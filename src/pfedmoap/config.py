@@ -342,6 +342,10 @@ def validate(cfg: Config) -> None:
     _need(cfg.dp.noise_multiplier >= 0, f"dp.noise_multiplier = {cfg.dp.noise_multiplier}: expected >= 0")
     _need(cfg.dp.noise_multiplier == 0 or cfg.dp.clip > 0,
           "dp.noise_multiplier > 0 needs dp.clip > 0: the noise scale is noise_multiplier * clip")
+    _need(0 < cfg.dp.delta < 1, f"dp.delta = {cfg.dp.delta}: expected 0 < delta < 1")
+    _need(cfg.dp.epsilon >= 0, f"dp.epsilon = {cfg.dp.epsilon}: expected >= 0 (0 = give dp.noise_multiplier instead)")
+    _need(cfg.dp.epsilon == 0 or (cfg.dp.clip > 0 and cfg.dp.noise_multiplier == 0),
+          "dp.epsilon > 0 needs dp.clip > 0 and dp.noise_multiplier = 0: give the budget or the noise, not both")
     _need(cfg.dp.noise_multiplier * cfg.dp.clip < FLOAT32_MAX,
           f"dp.noise_multiplier * dp.clip = {cfg.dp.noise_multiplier * cfg.dp.clip:g}: the noise std must be "
           f"below {FLOAT32_MAX:.3g} (the largest float32) or every upload is infinite")

@@ -128,7 +128,9 @@ class Federation:
                      "dataset": self.cfg.data.dataset, "partition": self.cfg.data.partition,
                      "seed": self.cfg.seed, "world_size": self.comm.size, "n_clients": self.N,
                      "n_classes": self.dataset.n_classes, "n_rounds": self.rounds,
-                     "config_hash": self.cfg.hash()}
+                     "config_hash": self.cfg.hash(), "dp_noise_multiplier": self.build.dp_noise,
+                     "dp_delta": self.cfg.dp.delta,
+                     "dp_epsilon": np.nan if self.build.dp_epsilon is None else self.build.dp_epsilon[-1]}
             self.results = store.Results(run_dir, attrs, self.build.partition_arrays(), list(PHASES), fields)
         self.results.attrs["world_size"] = self.comm.size
 
@@ -214,7 +216,7 @@ class Federation:
             accuracy=metrics[:, 0], macro_f1=metrics[:, 1], loss=metrics[:, 2], participated=is_part,
             domain_accuracy=metrics[:, 3:3 + n_dom], bytes_up=bytes_up, bytes_down=bytes_down + eval_bytes,
             phase_time=phases.reshape(self.comm.size, len(PHASES)), wall_time=time.perf_counter() - t_round,
-            logs=logs))
+            dp_epsilon=np.nan if self.build.dp_epsilon is None else self.build.dp_epsilon[r], logs=logs))
         self.log(f"round {r + 1}/{self.rounds}  mean accuracy {100 * np.nanmean(metrics[:, 0]):.2f}%  "
                  f"participants {len(participants)}/{N}  {time.perf_counter() - t_round:.1f}s")
         self.results.add_time(time.perf_counter() - t)

@@ -40,6 +40,8 @@ ROUND_FIELDS = {
     "bytes_down": Field(np.int64, "bytes", "payload bytes the client received this round"),
     "phase_time": Field(np.float32, "seconds", "wall seconds per rank and phase (attr phases)"),
     "wall_time": Field(np.float32, "seconds", "wall seconds of the whole round"),
+    "dp_epsilon": Field(np.float64, "epsilon", "client-level (epsilon, dp_delta)-DP spent by the end of the "
+                        "round (RDP accountant, dp.py); inf with clipping but no noise; NaN with DP off"),
 }
 
 
@@ -55,6 +57,7 @@ class RoundRecord:
     bytes_down: np.ndarray
     phase_time: np.ndarray               # (ranks, phases)
     wall_time: float
+    dp_epsilon: float = float("nan")
     logs: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (N, *shape)
 
 
@@ -148,8 +151,9 @@ class Results:
             raise PFedMoAPError(f"{res.path}: holds {have} rounds but the checkpoint {n_rounds}; "
                                 f"the run directory is inconsistent")
         for i in range(n_rounds):
-            res.records.append(RoundRecord(**{k: cols[k][i] for k in ROUND_FIELDS if k != "wall_time"},
+            res.records.append(RoundRecord(**{k: cols[k][i] for k in ROUND_FIELDS if k not in ("wall_time", "dp_epsilon")},
                                            wall_time=float(cols["wall_time"][i]),
+                                           dp_epsilon=float(cols["dp_epsilon"][i]),
                                            logs={k: cols[k][i] for k in res.log_fields}))
         res.attrs["rounds_done"] = n_rounds
         res.attrs["status"] = "running"

@@ -84,6 +84,7 @@ class Setup:
     encoder: object                  # clip.prompt.PromptEncoder
     backbone: object                 # clip.backbone.Backbone
     ctx_shape: tuple[int, int]       # (n_ctx, width) of one prompt
+    dp_noise: float = 0.0            # the noise multiplier uploads get (dp.noise_multiplier, or solved from dp.epsilon)
 
     @property
     def prompt_size(self) -> int:
@@ -235,8 +236,7 @@ class ClientPart:
 
     def upload_prompt(self, ctx: torch.Tensor, round_: int, cid: int) -> np.ndarray:
         """The copy of a prompt that leaves the client: clipped and noised when dp is on."""
-        d = self.cfg.dp
-        return dp.privatize(ctx.reshape(-1).cpu().numpy(), d.clip, d.noise_multiplier,
+        return dp.privatize(ctx.reshape(-1).cpu().numpy(), self.cfg.dp.clip, self.method.setup.dp_noise,
                             rng.numpy_rng(self.cfg.seed, "dp", round_, cid))
 
     def own_text(self, state, cid: int) -> torch.Tensor:
@@ -337,8 +337,13 @@ class Method:
     def __init__(self, setup: Setup):
         self.setup, self.cfg = setup, setup.cfg
 
+    @classmethod
+    def rounds_for(cls, cfg) -> int:
+        """The rounds a run of this method has (zeroshot: one evaluation)."""
+        return cfg.rounds
+
     def rounds(self) -> int:
-        return self.cfg.rounds
+        return self.rounds_for(self.cfg)
 
     def arrays(self) -> Arrays:
         return Arrays()

@@ -29,5 +29,6 @@ class ZeroShot(Method):
     name = "zeroshot"
     Server, Client = Server, Client
 
-    def rounds(self) -> int:
+    @classmethod
+    def rounds_for(cls, cfg) -> int:
         return 1
