@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import algorithms, comm as comm_mod, rng
+from . import algorithms, comm as comm_mod, dp, rng
 from .clip.backbone import Backbone
 from .clip.prompt import PromptEncoder, context_length, init_context
 from .config import Config
@@ -53,10 +53,31 @@ class Build:
         self.encoder = PromptEncoder(self.backbone, self.dataset.classnames, n_ctx,
                                      truncate=cfg.run.truncate_eos, shared_prefix=cfg.run.shared_prefix)
         ctx_shape = tuple(init_context(self.backbone, cfg.prompt.n_ctx, cfg.prompt.init, torch.Generator()).shape)
-        setup = algorithms.Setup(cfg, self.N, self.encoder, self.backbone, ctx_shape)
+        self.dp_noise, self.dp_epsilon = self._privacy(method_cls)
+        setup = algorithms.Setup(cfg, self.N, self.encoder, self.backbone, ctx_shape, self.dp_noise)
         self.method = method_cls(setup)
         self.client = self.method.client()
         self.state_size = len(self.client.state_vector(self.client.init_state(0)))
+
+    def _privacy(self, method_cls) -> tuple[float, np.ndarray | None]:
+        """(noise multiplier, ε spent by the end of each round) for clipped, noised uploads.
+
+        Client-level accounting (dp.py: Poisson-subsampled Gaussian, RDP) at the rate the server
+        actually samples: participants per round / N. The noise is solved from dp.epsilon when given."""
+        d, t = self.cfg.dp, self.cfg.train
+        if d.clip <= 0:
+            return 0.0, None
+        rounds = method_cls.rounds_for(self.cfg)
+        q = len(algorithms.sample_participants(self.cfg.seed, 0, self.N, t.frac, t.frac_rounding)) / self.N
+        sigma = d.noise_multiplier
+        if d.epsilon > 0:
+            try:
+                sigma = dp.noise_for(d.epsilon, d.delta, q, rounds)
+            except ValueError as e:
+                raise PFedMoAPError(f"dp.epsilon = {d.epsilon}: no noise multiplier reaches it ({e})") from None
+        if sigma <= 0:
+            return 0.0, np.full(rounds, np.inf)
+        return float(sigma), dp.epsilon_per_round(sigma, q, rounds, d.delta)
 
     def _client_data(self) -> dict[int, algorithms.ClientData]:
         if self.dense:
