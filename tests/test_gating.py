@@ -1,4 +1,4 @@
-"""The client-side gating network and the mixed logits of pFedMoAP (DESIGN.md section 1)."""
+"""The client-side gating network and the mixed logits of pFedMoAP (the paper §3, src/pfedmoap/clip/gating.py)."""
 from __future__ import annotations
 
 import math

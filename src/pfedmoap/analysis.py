@@ -2,7 +2,7 @@
 
 Library code: nothing here parses arguments or prints; `report_main` returns the text the CLI
 prints.
-The headline metric (DESIGN.md §1) is the unweighted mean over clients of the per-client accuracy,
+The headline metric (the paper §4.1, docs/hdf5-layout.md) is the unweighted mean over clients of the per-client accuracy,
 at the last round and over the last 5 rounds. Accuracies in the file are fractions; the terminal
 and Markdown tables and the figures show percent, the CSV keeps the file's units.
 """

@@ -1,4 +1,4 @@
-"""The client-side gating network of pFedMoAP (DESIGN.md §1). It never leaves its client.
+"""The client-side gating network of pFedMoAP (docs/methods.md; the paper §3). It never leaves its client.
 
 One multi-head attention block on d-dimensional pooled features: the query is the image feature,
 the keys and values are, per class, the K text features of the local prompt and the experts.
