@@ -114,3 +114,12 @@ def test_dp_budget_and_noise_together_are_refused(tmp_path):
     p = _run(tmp_path / "r", ["dp.clip=1", "dp.epsilon=25", "dp.noise_multiplier=1"], timeout=60)
     assert p.returncode == 2 and _errors(p.stderr) == [
         "error: dp.epsilon > 0 needs dp.clip > 0 and dp.noise_multiplier = 0: give the budget or the noise, not both"]
+
+
+def test_the_full_config_is_written_into_the_run_directory(tmp_path):
+    from pfedmoap import config
+    p = _run(tmp_path / "r", ["rounds=1"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    cfg = config.load(str(tmp_path / "r" / "config.toml"))
+    assert cfg.rounds == 1 and cfg.model.name == "tiny-clip" and cfg.moe.n_experts == 3
+    assert len(p.stdout.splitlines()) < 40          # a short header, not the 70-line config

@@ -120,6 +120,7 @@ class Federation:
         return outcome
 
     def _open_results(self, run_dir: Path, start: int) -> None:
+        store.write_text(run_dir / "config.toml", self.cfg.to_toml())   # the full config, readable
         fields = {lg.name: store.Field(np.dtype(lg.dtype).type, "", lg.description) for lg in self.logs.values()}
         if start > 0:
             self.results = store.Results.reopen(run_dir, start, fields)
