@@ -79,7 +79,7 @@ def _configs(args) -> list:
 
 
 def _run(configs, comm, if_exists: str) -> int:
-    from . import federation
+    from . import config, federation
     from .data.partition import partition_summary
     say = print if comm.rank == 0 else (lambda *a, **k: None)
     outcomes = []
@@ -94,6 +94,8 @@ def _run(configs, comm, if_exists: str) -> int:
             return federation.EXIT_STOPPED
     if comm.rank == 0:
         print(_final_table(outcomes))
+        if len(configs) > 1 and all(c.rounds == config.QUICKSTART["rounds"] for c in configs):
+            print(config.QUICKSTART_NOTE)
     return 0
 
 
@@ -133,19 +135,19 @@ def _clip_lines(text: str, n: int) -> str:
 def _final_table(outcomes) -> str:
     rounds = max(len(o.mean_accuracy) for _, o in outcomes)
     shown = list(range(rounds))[-10:]           # the last ten rounds at most
-    head = f"{'method':<10}" + "".join(f"{'r' + str(i + 1):>8}" for i in shown)
+    head = f"{'method':<12}" + "".join(f"{'r' + str(i + 1):>8}" for i in shown)
     lines = ["", "mean client accuracy per round (%)", head, "-" * len(head)]
     for cfg, o in outcomes:
         accs = {i: a for i, a in enumerate(o.mean_accuracy)}
         # a one-round method (zeroshot) is shown at every round for comparison
-        lines.append(f"{cfg.algorithm:<10}" + "".join(f"{100 * accs.get(i, o.mean_accuracy[-1]):8.2f}" for i in shown))
+        lines.append(f"{cfg.algorithm:<12}" + "".join(f"{100 * accs.get(i, o.mean_accuracy[-1]):8.2f}" for i in shown))
     domains = list(outcomes[0][1].domain_accuracy)
     if len(domains) > 1:
-        head = f"{'method':<10}" + "".join(f"{d[:9]:>10}" for d in domains)
+        head = f"{'method':<12}" + "".join(f"{d[:9]:>10}" for d in domains)
         lines += ["", "accuracy per domain at the last round (%, all clients' test images pooled)", head,
                   "-" * len(head)]
         for cfg, o in outcomes:
-            lines.append(f"{cfg.algorithm:<10}" + "".join(f"{100 * o.domain_accuracy.get(d, float('nan')):10.2f}"
+            lines.append(f"{cfg.algorithm:<12}" + "".join(f"{100 * o.domain_accuracy.get(d, float('nan')):10.2f}"
                                                          for d in domains))
     lines.append(f"results: {', '.join(str(Path(c.out) / 'results.h5') for c, _ in outcomes)}")
     return "\n".join(lines)
