@@ -123,3 +123,24 @@ def test_the_full_config_is_written_into_the_run_directory(tmp_path):
     cfg = config.load(str(tmp_path / "r" / "config.toml"))
     assert cfg.rounds == 1 and cfg.model.name == "tiny-clip" and cfg.moe.n_experts == 3
     assert len(p.stdout.splitlines()) < 40          # a short header, not the 70-line config
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path):
+    # RLIMIT_FSIZE makes every write past the limit fail with EFBIG, as a full disk would (ENOSPC)
+    import resource
+    out = tmp_path / "r"
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+    p = subprocess.run(_args(out, ["rounds=50", "run.checkpoint_every=1"]), capture_output=True, text=True,
+                       timeout=120, env=ENV, preexec_fn=limit)
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = _errors(p.stderr)
+    assert len(errors) == 1 and "could not be written" in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "Segmentation" not in p.stderr
+    assert not list(out.glob("*.tmp"))
+    for name in ("results.h5", "checkpoint.h5"):              # what was written before stays readable
+        if (out / name).exists():
+            with h5py.File(out / name) as f:
+                assert len(f.attrs) > 0

@@ -66,23 +66,42 @@ def library_versions() -> str:
 
 
 def _atomic_write(path: Path, fill) -> None:
+    """Write `path` whole through a temporary file, fsync, rename: a job killed at any moment
+    leaves the previous file intact. A write that fails (a full disk, a quota, a read-only file
+    system) removes the temporary file and is one clear error; the previous file stays."""
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        fill(f)
-        f.flush()
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            fill(f)
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:       # h5py reports a failed flush/close as RuntimeError
+        _failed_write(path, tmp, e)
 
 
 def write_text(path: Path, text: str) -> None:
     """A small text file written atomically (temporary file, fsync, rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _failed_write(path, tmp, e)
+
+
+def _failed_write(path: Path, tmp: Path, err: BaseException) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+    reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).splitlines()[0]
+    raise PFedMoAPError(f"{path}: could not be written ({reason}); the previous version, if any, is "
+                        f"intact (full disk or quota? free space, then resume)") from None
 
 
 class Results:
