@@ -144,3 +144,16 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path):
         if (out / name).exists():
             with h5py.File(out / name) as f:
                 assert len(f.attrs) > 0
+
+
+@pytest.mark.parametrize("ranks", [0, 3])
+def test_a_cache_dir_below_a_file_is_one_line_on_every_rank(tmp_path, ranks):
+    if ranks and not os.path.exists(MPIEXEC):
+        pytest.skip("no mpiexec")
+    (tmp_path / "afile").write_text("x")
+    start = time.time()
+    p = _run(tmp_path / "r", [f"data.cache_dir={tmp_path / 'afile' / 'cache'}"], ranks, timeout=90)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert _errors(p.stderr) == [f"error: data.cache_dir '{tmp_path / 'afile' / 'cache'}': lies below "
+                                 f"'{tmp_path / 'afile'}', which is a file; expected a directory"], p.stderr
+    assert time.time() - start < 60

@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                         check_writable_dir(args.out, "--out")
                     for cfg in configs:
                         check_writable_dir(cfg.out, "run directory")
+                        if cfg.data.cache_dir:          # the feature cache rank 0 writes
+                            check_writable_dir(cfg.data.cache_dir, "data.cache_dir")
             except PFedMoAPError as e:        # (a config file may be missing on one node only)
                 error = e
             comm_mod.agree(comm, error)
