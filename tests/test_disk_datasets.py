@@ -240,21 +240,45 @@ def test_readable():
 
 # ------------------------------------------------------------------ shipped configs
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+def test_paper_configs_name_registered_data_sets():
+    # (their settings against the paper's Table 5: tests/test_paper_configs.py)
+    from pfedmoap import config, configs
+    for path in configs.packaged():
+        cfg = config.load(str(path))
+        assert cfg.data.dataset in available(), path
+        d = cfg.data
+        if d.partition == "domain":
+            n_dom = len(disk.DOMAINNET_DOMAINS if d.dataset == "domainnet" else disk.OFFICE_DOMAINS)
+            assert d.n_clients == n_dom * d.clients_per_domain
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_paper_configs_load(path):
-    from pfedmoap import config
+# ------------------------------------------------------------------ a corrupt image on one rank
 
-    cfg = config.from_toml(path.read_text())
-    assert cfg.model.name == "ViT-B-16" and cfg.data.dataset in available()
-    d = cfg.data
-    if d.partition == "domain":
-        n_dom = len(disk.DOMAINNET_DOMAINS if d.dataset == "domainnet" else disk.OFFICE_DOMAINS)
-        assert d.n_clients == n_dom * d.clients_per_domain
-
-
-def test_configs_exist():
-    assert {p.stem for p in CONFIGS} >= {"caltech101", "oxford_pets", "oxford_flowers", "food101", "dtd",
-                                         "cifar10", "cifar100", "domainnet", "office_caltech10"}
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_corrupt_image_ends_every_rank_with_one_line(tmp_path, cache):
+    import os
+    import subprocess
+    import sys
+    import time
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        pytest.skip("no mpiexec")
+    base, raw = _make_coop(tmp_path / "data", "dtd", n_classes=4, per=(3, 1, 2))
+    folder, imgdir, _ = disk.COOP["dtd"]
+    bad = base / imgdir / f"{raw[3]}/train_2.jpg"          # a client's training image, late in the list
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    sets = ["model.name=tiny-clip", "model.pretrained=", "data.dataset=dtd", f"data.root={tmp_path / 'data'}",
+            "data.partition=iid", "data.n_clients=2", "data.min_size=1", "rounds=1", "train.local_epochs=1",
+            "algorithm=promptfl", "prompt.n_ctx=4", "run.threads=1",
+            f"data.cache_dir={tmp_path / 'cache' if cache else ''}"]
+    args = [mpiexec, "-n", "3", sys.executable, "-m", "pfedmoap.cli", "run", "--out", str(tmp_path / "r")]
+    for s in sets:
+        args += ["--set", s]
+    start = time.time()
+    p = subprocess.run(args, capture_output=True, text=True, timeout=90,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error")]
+    assert len(errors) == 1 and str(bad) in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert time.time() - start < 60
