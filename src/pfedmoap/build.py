@@ -35,10 +35,12 @@ class Build:
         cfg, comm = self.cfg, self.comm
         method_cls = algorithms.get(cfg.algorithm)
         self.dense = method_cls.image_features == "dense"
-        if self.dense and cfg.data.augment_views:
-            raise PFedMoAPError(f"data.augment_views = {cfg.data.augment_views}: algorithm = {cfg.algorithm!r} "
-                                f"uses dense (patch) image features, which are not computed for augmented "
-                                f"views; set data.augment_views = 0")
+        if self.dense and cfg.data.augment_mode != "none":
+            what = (f"data.augment_views = {cfg.data.augment_views}" if cfg.data.augment_mode == "views"
+                    else f"data.augment = {cfg.data.augment!r}")
+            raise PFedMoAPError(f"{what}: algorithm = {cfg.algorithm!r} uses dense (patch) image features, which "
+                                f"are not computed for augmented views; set data.augment = 'none' and "
+                                f"data.augment_views = 0")
         self.dataset = load_dataset(cfg.data)
         self.partition = make_partition(self.dataset, cfg.data, cfg.seed)
         self.N = len(self.partition.train)
@@ -85,15 +87,39 @@ class Build:
         d = self.cfg.data
         feats = self._image_features()
         dev = self.backbone.device
+        self.fresh = self._fresh_views() if d.augment_mode == "fresh" else None
+        views = d.augment_views if d.augment_mode == "views" else 0
         out = {}
         for c in self.mine:
             tr, te = self.partition.train[c], self.partition.test[c]
             out[int(c)] = algorithms.ClientData(
                 torch.from_numpy(feats["train"][tr]).to(dev), torch.from_numpy(self.dataset.train.labels[tr]).to(dev),
                 torch.from_numpy(feats["test"][te]).to(dev), torch.from_numpy(self.dataset.test.labels[te]).to(dev),
-                torch.from_numpy(np.stack([feats[f"view{v}"][tr] for v in range(d.augment_views)])).to(dev)
-                if d.augment_views else None)
+                torch.from_numpy(np.stack([feats[f"view{v}"][tr] for v in range(views)])).to(dev)
+                if views else None,
+                fresh_views=self.fresh.for_client(int(c)) if self.fresh is not None else None)
         return out
+
+    def _fresh_views(self) -> feature_cache.FreshViews:
+        """data.augment = "fresh": each rank's store of its own clients' views per (round, local epoch).
+
+        With data.cache_dir set, the views of every (hosted client, round) the method's server will
+        pick are precomputed here, before the first round, one HDF5 file per client and round (the
+        server part's `participants(round)`, asked of a fresh server object on every rank: a pure
+        function of the seed and round for every method here). A client asked to train in a round not
+        foreseen, or a run without data.cache_dir, gets its round's views encoded when it first asks
+        (in fit, before its first step). In memory: one (client, round) block (E, n_c, D) at a time."""
+        c = self.cfg
+        images = {int(k): np.asarray(self.partition.train[k], np.int64) for k in self.mine}
+        store = feature_cache.FreshViews(self.backbone, self.dataset, images, c.seed, c.train.local_epochs,
+                                         c.data.cache_dir, self.backbone.device)
+        if c.data.cache_dir and len(self.mine):
+            server = self.method.server()
+            for r in range(self.method.rounds()):
+                for k in np.intersect1d(server.participants(r), self.mine):
+                    if len(images[int(k)]):
+                        store.precompute(int(k), r)
+        return store
 
     def _image_features(self) -> dict[str, np.ndarray]:
         """Frozen image features, computed once per image (and augmented view); cached in HDF5 when

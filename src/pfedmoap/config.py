@@ -59,7 +59,16 @@ class DataConfig:
     n_train: int = 2000           # synthetic only
     n_test: int = 1000            # synthetic only
     cache_dir: str = "~/.cache/pfedmoap"   # image-feature cache; "" keeps features in memory only
-    augment_views: int = 0        # augmented views (random resized crop + flip) cached per training image
+    augment_views: int = 0        # augment = "views": V augmented views (random resized crop + flip) cached per training image
+    # Training augmentation: "none" (clean cached features), "views" (a random one of the
+    # augment_views cached views per image and epoch), "fresh" (a new random resized crop + flip of
+    # every image in every round and local epoch, as the reference's Dassl pipeline; precomputed
+    # outside the training step). "none" with augment_views > 0 is "views" (configs from before this key).
+    augment: str = "none"
+
+    @property
+    def augment_mode(self) -> str:
+        return "views" if self.augment == "none" and self.augment_views > 0 else self.augment
 
 
 @dataclass
@@ -340,6 +349,12 @@ def validate(cfg: Config) -> None:
     _need("{}" in cfg.prompt.template, f"prompt.template = {cfg.prompt.template!r}: expected a '{{}}' for the class name")
     _need(cfg.dp.clip >= 0, f"dp.clip = {cfg.dp.clip}: expected >= 0 (0 = off)")
     _need(cfg.dp.noise_multiplier >= 0, f"dp.noise_multiplier = {cfg.dp.noise_multiplier}: expected >= 0")
+    _need(d.augment in ("none", "views", "fresh"), f"data.augment = {d.augment!r}: expected none, views or fresh")
+    _need(d.augment != "views" or d.augment_views >= 1,
+          f"data.augment = 'views' needs data.augment_views >= 1 (got {d.augment_views})")
+    _need(d.augment != "fresh" or d.augment_views == 0,
+          f"data.augment = 'fresh' draws a new view every epoch: data.augment_views = {d.augment_views} "
+          f"is for 'views'; set it to 0")
     _need(cfg.dp.noise_multiplier == 0 or cfg.dp.clip > 0,
           "dp.noise_multiplier > 0 needs dp.clip > 0: the noise scale is noise_multiplier * clip")
     _need(0 < cfg.dp.delta < 1, f"dp.delta = {cfg.dp.delta}: expected 0 < delta < 1")

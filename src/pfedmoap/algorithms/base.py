@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -102,6 +103,21 @@ class ClientData:
     train_views: torch.Tensor | None = None   # (V, n, D) augmented views; a random one per image per epoch
     train_dense: torch.Tensor | None = None   # (n, M, D) float16, L2-normalised patch features (image_features = "dense")
     test_dense: torch.Tensor | None = None    # (n_test, M, D) likewise
+    # data.augment = "fresh": (round, local epoch) -> (n, D), a new view of every image, precomputed
+    # outside the training step (data/features.py FreshViews)
+    fresh_views: Callable[[int, int], torch.Tensor] | None = None
+
+    def train_features(self, round_: int, epoch: int, gen: torch.Generator | None = None) -> torch.Tensor:
+        """(n, D): the training features of local epoch `epoch` of round `round_`: the clean ones
+        (data.augment = "none"), one of the V cached views per image drawn from `gen` ("views"), or
+        each image's fresh view of (round, epoch) ("fresh")."""
+        if self.train_views is not None:
+            n = len(self.train_y)
+            view = torch.randint(len(self.train_views), (n,), generator=gen)
+            return self.train_views[view, torch.arange(n)]
+        if self.fresh_views is not None:
+            return self.fresh_views(round_, epoch)
+        return self.train_x
 
 
 @dataclass
@@ -274,10 +290,7 @@ class ClientPart:
             for g in opt.param_groups:
                 g["lr"] = self.lr_at(epoch)
             perm = torch.randperm(n, generator=gen)
-            x_all = data.train_x
-            if data.train_views is not None:
-                view = torch.randint(len(data.train_views), (n,), generator=gen)
-                x_all = data.train_views[view, torch.arange(n)]
+            x_all = data.train_features(round_, epoch, gen)
             for start in range(0, n - bs + 1, bs):        # drop the last partial batch, as CoOp does
                 idx = perm[start:start + bs]
                 loss = F.cross_entropy(logits(self.encoder(ctx), x_all[idx]), data.train_y[idx])

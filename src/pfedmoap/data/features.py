@@ -253,3 +253,153 @@ def read_dense(path: Path, n: int, shape: tuple[int, int], indices: np.ndarray
     except (OSError, KeyError):
         return None
     return x, dense
+
+
+# ---------------------------------------------------------------------------- fresh augmented views
+#
+# data.augment = "fresh" (the reference's Dassl pipeline): every training image gets a new random
+# resized crop + horizontal flip (`train_transform`) in every (round, local epoch). The view of
+# image i in local epoch e of round r is keyed by (seed, i, r, e) alone (`fresh_seed`), so it is the
+# same at any number of ranks, on resume, and for every method.
+#
+# Encoded outside the training step, in batches of one client's images for one epoch (at most
+# CHUNK images, in the client's own order): a client lives on one rank, so its batches, and thus
+# the bits of its features, never depend on the number of ranks. `FreshViews` holds, per rank, one
+# (client, round) block (E, n, D) at a time; with data.cache_dir set every block is one HDF5 file,
+# precomputed at start-up for the rounds the client is expected to train in (see build.py).
+
+FRESH_FORMAT = "fresh-v1:seed(key(seed,'fresh-view/epoch<e>',round,image)):batches=client-epoch-chunks"
+
+
+def fresh_seed(seed: int, image: int, round_: int, epoch: int) -> int:
+    """The torch seed of the crop and flip of `image` in local epoch `epoch` of round `round_`."""
+    return rng.key(seed, f"fresh-view/epoch{epoch}", round_, image)
+
+
+def compute_fresh(backbone, split, indices: np.ndarray, seed: int, round_: int, epoch: int,
+                  transform=None) -> np.ndarray:
+    """(len(indices), D) float32: the fresh view of each image `indices` (in that order) for
+    (round, epoch), encoded in chunks of CHUNK of that order."""
+    transform = transform or train_transform(backbone)
+    indices = np.asarray(indices, np.int64)
+    out = np.zeros((len(indices), backbone.embed_dim), np.float32)
+    for start in range(0, len(indices), CHUNK):
+        images = []
+        with torch.random.fork_rng(devices=[]):
+            for i in indices[start:start + CHUNK]:
+                torch.manual_seed(fresh_seed(seed, int(i), round_, epoch))
+                images.append(transform(split.load(int(i))))
+        out[start:start + len(images)] = backbone.encode_images(torch.stack(images)).numpy()
+    return out
+
+
+class FreshViews:
+    """The fresh views of the training images of one rank's clients (data.augment = "fresh").
+
+    `images[c]`: client c's training image ids, in the order of its ClientData rows. `block(c, r)`
+    -> (E, n_c, D) on `device` for E = `epochs`: read from the cache file, or computed (and written
+    when `cache_dir` is set). Only the last block asked for is kept in memory."""
+
+    def __init__(self, backbone, dataset, images: dict[int, np.ndarray], seed: int, epochs: int,
+                 cache_dir: str = "", device="cpu"):
+        self.backbone, self.split, self.images = backbone, dataset.train, images
+        self.seed, self.epochs, self.cache_dir, self.device = seed, epochs, cache_dir, device
+        self.transform = train_transform(backbone)
+        self._base = None
+        if cache_dir:
+            h = hashlib.sha256()
+            for part in (backbone.name, backbone.weights_id, str(backbone.preprocess), backbone.precision,
+                         dataset.name, "train", FRESH_FORMAT, str(self.transform), f"seed={seed}",
+                         *self.split.keys, content_id(self.split)):
+                h.update(part.encode() + b"\0")
+            self._base = h.hexdigest()
+        self._held: tuple[int, int, torch.Tensor] | None = None
+        self.computed = 0           # blocks encoded by this object (for tests and reports)
+
+    # -------------------------------------------------------------- cache files
+    def path(self, cid: int, round_: int) -> Path | None:
+        """The cache file of client cid's block of round `round_` (None without data.cache_dir): keyed
+        by the weights, preprocessing, data, augmentation, seed, round, epochs and the client's images."""
+        if self._base is None:
+            return None
+        ids = np.ascontiguousarray(self.images[cid], np.int64)
+        h = hashlib.sha256(f"{self._base}/round={round_}/epochs={self.epochs}/".encode())
+        h.update(ids.tobytes())
+        return Path(self.cache_dir).expanduser() / "fresh-views" / f"views-{h.hexdigest()[:24]}.h5"
+
+    def _shape(self, cid: int) -> tuple[int, int, int]:
+        return self.epochs, len(self.images[cid]), self.backbone.embed_dim
+
+    def cached(self, cid: int, round_: int) -> bool:
+        """The block's file exists and has the right shape (nothing read but its header)."""
+        p = self.path(cid, round_)
+        if p is None or not p.exists():
+            return False
+        try:
+            with h5py.File(p, "r") as f:
+                return f["features"].shape == self._shape(cid) and f.attrs.get("format") == FRESH_FORMAT
+        except (OSError, KeyError):
+            return False
+
+    def compute(self, cid: int, round_: int) -> np.ndarray:
+        """Encode client cid's block of round `round_`: one batch (chunk) per epoch and CHUNK images."""
+        self.computed += 1
+        ids = self.images[cid]
+        return np.stack([compute_fresh(self.backbone, self.split, ids, self.seed, round_, e, self.transform)
+                         for e in range(self.epochs)]) if len(ids) else np.zeros(self._shape(cid), np.float32)
+
+    def _write(self, path: Path, x: np.ndarray, round_: int) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PFedMoAPError(f"data.cache_dir = {str(path.parent.parent)!r}: cannot create: {e.strerror}") from None
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("features", data=x)
+                f.attrs.update(format=FRESH_FORMAT, round=round_, seed=self.seed)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def precompute(self, cid: int, round_: int) -> bool:
+        """Make sure the block's cache file exists (computed and written if not); True if computed.
+        Without data.cache_dir nothing is kept: blocks are computed when first asked for."""
+        if self._base is None or self.cached(cid, round_):
+            return False
+        self._write(self.path(cid, round_), self.compute(cid, round_), round_)
+        return True
+
+    # -------------------------------------------------------------- the training side
+    def block(self, cid: int, round_: int) -> torch.Tensor:
+        """(E, n_c, D): client cid's views of round `round_` (the one block held in memory)."""
+        if self._held is not None and self._held[:2] == (cid, round_):
+            return self._held[2]
+        self._held = None               # at most one block in memory
+        x = None
+        path = self.path(cid, round_)
+        if path is not None and self.cached(cid, round_):
+            try:
+                with h5py.File(path, "r") as f:
+                    x = f["features"][()]
+            except (OSError, KeyError):
+                x = None
+        if x is None:                   # no cache, or a round nobody expected this client in
+            x = self.compute(cid, round_)
+            if path is not None:
+                self._write(path, x, round_)
+        t = torch.from_numpy(x).to(self.device)
+        self._held = (cid, round_, t)
+        return t
+
+    def features(self, cid: int, round_: int, epoch: int) -> torch.Tensor:
+        """(n_c, D): client cid's training features for local epoch `epoch` of round `round_`."""
+        if epoch >= self.epochs:        # more epochs than train.local_epochs: encoded on demand
+            x = compute_fresh(self.backbone, self.split, self.images[cid], self.seed, round_, epoch, self.transform)
+            return torch.from_numpy(x).to(self.device)
+        return self.block(cid, round_)[epoch]
+
+    def for_client(self, cid: int):
+        """The client's `ClientData.fresh_views`: (round, epoch) -> (n_c, D)."""
+        return lambda round_, epoch: self.features(cid, round_, epoch)
