@@ -128,6 +128,8 @@ class Row:
     macro_f1: Stat | None = None
     bytes_per_round: Stat | None = None
     note: str = ""
+    dp_epsilon: Stat | None = None   # DP runs: the (client-level) ε spent by the last round written
+    dp_delta: float | None = None
 
 
 @dataclass
@@ -203,7 +205,23 @@ def _summarize_group(group: Group) -> Row:
         row.bytes_per_round = Stat.of([
             (r.rounds["bytes_up"].sum(axis=1) + r.rounds["bytes_down"].sum(axis=1)).mean()
             for r in runs])
+    epsilons = [dp_epsilon(r) for r in runs]
+    if all(e is not None for e in epsilons):
+        row.dp_epsilon, row.dp_delta = Stat.of(epsilons), float(first.attrs.get("dp_delta", np.nan))
     return row
+
+
+def dp_epsilon(run: Run) -> float | None:
+    """The ε a DP run has spent by its last written round (`/rounds/dp_epsilon`; before any round,
+    the planned total, attribute `dp_epsilon`); inf for clipping without noise; None without DP."""
+    eps = run.rounds.get("dp_epsilon")
+    value = eps[-1] if isinstance(eps, np.ndarray) and eps.ndim == 1 and len(eps) else \
+        run.attrs.get("dp_epsilon")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(value) else value
 
 
 # ---------------------------------------------------------------------------------------- tables
@@ -225,6 +243,9 @@ def format_table(rows: list[Row], fmt: str = "table") -> str:
     if not any(c[3] for c in cells):  # no variants: drop the column
         columns.pop(3)
         cells = [c[:3] + c[4:] for c in cells]
+    if any(row.dp_epsilon is not None for row in rows):     # DP runs: the privacy spent
+        columns.append("DP ε (δ)")
+        cells = [c + [_dp_cell(row)] for c, row in zip(cells, rows)]
     notes = [row.note for row in rows if row.note]
     if fmt == "markdown":
         lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
@@ -251,6 +272,14 @@ def _display_cells(row: Row) -> list[str]:
             _pm(row.macro_f1, 100), _bytes(row.bytes_per_round)]
 
 
+def _dp_cell(row: Row) -> str:
+    stat = row.dp_epsilon
+    if stat is None:
+        return ""
+    eps = "∞" if np.isinf(stat.mean) else _pm(stat)
+    return f"{eps} ({row.dp_delta:g})"
+
+
 def _pm(stat: Stat | None, scale: float = 1.0, digits: int = 2) -> str:
     if stat is None or not np.isfinite(stat.mean):
         return ""
@@ -272,7 +301,8 @@ def _csv(rows: list[Row]) -> str:
     metrics = ("acc_last", "acc_last5", "best_acc", "macro_f1", "bytes_per_round")
     header = ["algorithm", "dataset", "partition", "variant", "seeds", "n_runs", "status",
               "rounds_done", "n_rounds", "best_round"]
-    header += [f"{m}_{part}" for m in metrics for part in ("mean", "std")] + ["runs"]
+    header += [f"{m}_{part}" for m in metrics for part in ("mean", "std")]
+    header += ["dp_epsilon_mean", "dp_epsilon_std", "dp_delta", "runs"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(header)
@@ -284,6 +314,9 @@ def _csv(rows: list[Row]) -> str:
             stat = getattr(row, metric)
             values += ["" if stat is None else repr(stat.mean),
                        "" if stat is None or stat.std is None else repr(stat.std)]
+        eps = row.dp_epsilon
+        values += ["" if eps is None else repr(eps.mean), "" if eps is None or eps.std is None else repr(eps.std),
+                   "" if eps is None else repr(row.dp_delta)]
         writer.writerow(values + [";".join(str(p) for p in row.paths)])
     return out.getvalue()
 
@@ -517,11 +550,262 @@ def _legend(group: Group) -> str:
     return " ".join(parts)
 
 
+# ---------------------------------------------------------------------------------- paper tables
+
+TABLE_FORMATS = FORMATS + ("latex",)
+
+
+class Cell(NamedTuple):
+    """One table cell: mean ± std over the complete runs of a (row, column) in fractions, how many
+    runs that is, and whether seeds planned by the table are missing from it."""
+    stat: Stat | None
+    n: int
+    short: bool
+
+
+@dataclass
+class PaperTable:
+    """A table in the paper's layout: `cells[i]` is row i's cells (None: a row marked missing)."""
+    title: str
+    seeds: tuple
+    rows: list[str]
+    columns: list[str]
+    cells: list[list[Cell] | None]
+    notes: list[str]
+    runs: list[Run]
+
+
+def find_results(paths) -> list[Path]:
+    """Every results.h5 under the given paths: a run directory, its results.h5, or any folder
+    above runs (a table's OUT). A path with none is one PFedMoAPError."""
+    files: dict[str, Path] = {}
+    for given in paths:
+        p = Path(given)
+        if p.is_file():
+            found = [p]
+        elif (p / "results.h5").is_file():
+            found = [p / "results.h5"]
+        elif p.is_dir():
+            found = sorted(p.rglob("results.h5"))
+        else:
+            raise PFedMoAPError(f"{given}: does not exist; expected a run directory or a folder of runs")
+        if not found:
+            raise PFedMoAPError(f"{given}: no results.h5 under it; expected a run directory or a folder of runs")
+        for f in found:
+            files.setdefault(str(f.absolute()), f)
+    return list(files.values())
+
+
+def _place(table, file: Path):
+    """(row, column) of a run at OUT/<table>/<column>/<row>/seed<k>/results.h5, else None."""
+    parts = file.absolute().parts
+    if len(parts) < 6 or parts[-5] != table.name or not re.fullmatch(r"seed\d+", parts[-2]):
+        return None
+    row, column = table.row(parts[-3]), table.column(parts[-4])
+    if row is None or column is None or row.missing:
+        return None
+    return row, column
+
+
+def domain_accuracies(run: Run, domains) -> list[float]:
+    """Per domain: the mean over the clients holding test images of that domain of their
+    accuracy on them, at the last round written (NaN: no such client)."""
+    names = [str(n) for n in run.partition.get("domain_names", [])]
+    acc, counts = run.rounds["domain_accuracy"][-1], np.asarray(run.partition["test_domain_counts"])
+    out = []
+    for domain in domains:
+        j = names.index(domain) if domain in names else -1
+        has = counts[:, j] > 0 if j >= 0 else np.zeros(len(counts), bool)
+        out.append(float(_nanmean(acc[has, j])) if has.any() else float("nan"))
+    return out
+
+
+def paper_table(table, paths) -> PaperTable:
+    """Read the runs under `paths` that lie in `table`'s layout into the paper's layout: the
+    table's rows; its data sets as columns, or (layout "domains") the config's domains + Avg.
+    A cell is the mean ± std (ddof=1) over its complete runs (one per seed) of the mean client
+    accuracy at the last round; runs not complete are named in a note and not counted."""
+    placed: dict[tuple[str, str], list[Run]] = {}
+    notes: list[str] = []
+    outside = []
+    for file in find_results(paths):
+        spot = _place(table, file)
+        if spot is None:     # other tables' runs under the same OUT are skipped without a word
+            if len(file.absolute().parts) >= 5 and file.absolute().parts[-5] == table.name:
+                outside.append(file)
+            continue
+        placed.setdefault((spot[0].key, spot[1].key), []).append(load_run(file))
+    every = [r for runs in placed.values() for r in runs]
+    domains = list(table.domains)
+    if table.layout == "domains" and not domains:
+        first = next((r for r in every if r.readable), None)
+        domains = [str(n) for n in first.partition.get("domain_names", [])] if first else []
+    columns = ([table.domain_label(d) for d in domains] + ["Avg"] if table.layout == "domains"
+               else [c.name for c in table.columns])
+    cells: list[list[Cell] | None] = []
+    for row in table.rows:
+        if row.missing:
+            cells.append(None)
+            notes.append(f"{row.name}: {row.missing} (no runs)")
+            continue
+        line: list[Cell] = []
+        for column in table.columns:
+            runs = sorted(placed.get((row.key, column.key), []), key=lambda r: (r.seed is None, r.seed))
+            done = [r for r in runs if r.status == "complete" and r.readable and r.n_done > 0]
+            for r in runs:
+                if r not in done:
+                    notes.append(f"{column.name} / {row.name}: {r.path}: {r.status}, {r.n_done} of "
+                                 f"{r.n_planned} rounds: not counted")
+            seeds = {r.seed for r in done}
+            short = bool(set(table.seeds) - seeds)
+            if short and done:
+                notes.append(f"{column.name} / {row.name}: seeds {', '.join(str(s) for s in sorted(seeds))} "
+                             f"of {', '.join(str(s) for s in table.seeds)} (*)")
+            if table.layout == "domains":
+                per_run = np.array([domain_accuracies(r, domains) + [float(r.accuracy_curve()[-1])]
+                                    for r in done]).reshape(len(done), len(domains) + 1)
+                for j in range(len(domains) + 1):
+                    values = per_run[:, j][np.isfinite(per_run[:, j])]
+                    line.append(Cell(Stat.of(values), len(values), short))
+            else:
+                values = [float(r.accuracy_curve()[-1]) for r in done]
+                line.append(Cell(Stat.of([v for v in values if np.isfinite(v)]), len(values), short))
+        cells.append(line)
+    epsilons = [e for e in (dp_epsilon(r) for r in every) if e is not None]
+    if epsilons:
+        deltas = sorted({float(r.attrs.get("dp_delta", np.nan)) for r in every if dp_epsilon(r) is not None})
+        spread = f"{min(epsilons):.2f}" if max(epsilons) - min(epsilons) < 5e-3 else \
+            f"{min(epsilons):.2f} to {max(epsilons):.2f}"
+        notes.append(f"DP: {len(epsilons)} run(s) with DP, ε at the last round {spread} "
+                     f"(δ = {', '.join(f'{d:g}' for d in deltas)})")
+    if outside:
+        notes.append(f"{len(outside)} run(s) under {table.name}/ but not one of its cells "
+                     f"(<OUT>/{table.name}/<column>/<row>/seed<k>) not used, e.g. {outside[0]}")
+    if not every:
+        notes.append(f"no run of table {table.name} under {', '.join(map(str, paths))} (expected "
+                     f"<OUT>/{table.name}/<column>/<row>/seed<k>/results.h5)")
+    notes += list(table.notes)
+    return PaperTable(table.title, table.seeds, [r.name for r in table.rows], columns, cells, notes, every)
+
+
+def format_paper_table(pt: PaperTable, fmt: str = "table") -> str:
+    """`table` (aligned text), `markdown`, `csv` (percent; per column its mean, std and number of
+    runs) or `latex` (booktabs tabular; the best mean of each column in bold). Accuracies in
+    percent with two decimals; `*` marks a cell missing some of the table's seeds; `-` a cell
+    with no complete run, `n/a` a row marked missing."""
+    if fmt not in TABLE_FORMATS:
+        raise PFedMoAPError(f"format: {fmt!r}; expected one of {', '.join(TABLE_FORMATS)}")
+    seeds = ", ".join(str(s) for s in pt.seeds)
+    what = f"mean ± std over seeds {seeds} of the mean client accuracy (%) at the last round"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["method"] + [f"{c}_{p}" for c in pt.columns for p in ("mean", "std", "n")])
+        for name, line in zip(pt.rows, pt.cells):
+            values = [name]
+            for j in range(len(pt.columns)):
+                cell = None if line is None else line[j]
+                stat = None if cell is None else cell.stat
+                values += ["" if stat is None else repr(100 * stat.mean),
+                           "" if stat is None or stat.std is None else repr(100 * stat.std),
+                           "" if cell is None else cell.n]
+            writer.writerow(values)
+        return out.getvalue()
+    if fmt == "latex":
+        return _latex(pt, what)
+
+    def text(cell: Cell | None, missing: bool) -> str:
+        if missing:
+            return "n/a"
+        if cell is None or cell.stat is None:
+            return "-"
+        return _pm(cell.stat, 100) + ("*" if cell.short else "")
+    body = [[name] + [text(None if line is None else line[j], line is None) for j in range(len(pt.columns))]
+            for name, line in zip(pt.rows, pt.cells)]
+    header = ["method"] + pt.columns
+    if fmt == "markdown":
+        lines = [f"**{pt.title}** ({what})", "", "| " + " | ".join(header) + " |",
+                 "|---|" + "|".join("---:" for _ in pt.columns) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+        lines += ([""] + [f"- {note}" for note in pt.notes]) if pt.notes else []
+        return "\n".join(lines) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+
+    def line(values):
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+    lines = [pt.title, what, "", line(header), line(["-" * w for w in widths])] + [line(b) for b in body]
+    lines += ([""] + [f"note: {note}" for note in pt.notes]) if pt.notes else []
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "λ": r"$\lambda$", "±": r"$\pm$", "·": r"$\cdot$", "≥": r"$\geq$", "≤": r"$\leq$"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _latex(pt: PaperTable, what: str) -> str:
+    best = []
+    for j in range(len(pt.columns)):
+        means = [line[j].stat.mean for line in pt.cells if line is not None and line[j].stat is not None]
+        best.append(max(means) if means else None)
+    lines = [f"% {pt.title}", f"% {what}; best mean per column in bold"
+             + ("; * = some of the table's seeds missing" if any(
+                 c.short for line in pt.cells if line for c in line if c.stat is not None) else ""),
+             r"\begin{tabular}{l" + "c" * len(pt.columns) + "}", r"\toprule",
+             " & ".join(["Method"] + [_tex(c) for c in pt.columns]) + r" \\", r"\midrule"]
+    for name, line in zip(pt.rows, pt.cells):
+        values = [_tex(name)]
+        for j in range(len(pt.columns)):
+            cell = None if line is None else line[j]
+            if line is None:
+                values.append("n/a")
+            elif cell is None or cell.stat is None:
+                values.append("--")
+            else:
+                number = f"{100 * cell.stat.mean:.2f}" + (
+                    "" if cell.stat.std is None else rf" \pm {100 * cell.stat.std:.2f}")
+                if best[j] is not None and cell.stat.mean == best[j]:
+                    number = rf"\mathbf{{{number}}}"
+                values.append(f"${number}" + ("^{*}" if cell.short else "") + "$")
+        lines.append(" & ".join(values) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"] + [f"% note: {note}" for note in pt.notes]
+    return "\n".join(lines) + "\n"
+
+
+def report_table(name: str, paths: list[str], fmt: str = "table", plot_dir: str | None = None,
+                 tables_file: str | None = None) -> str:
+    """What `pfedmoap report --table NAME PATH... [--format F] [--plot DIR]` prints."""
+    from . import tables
+    if fmt not in TABLE_FORMATS:
+        raise PFedMoAPError(f"format: {fmt!r}; expected one of {', '.join(TABLE_FORMATS)}")
+    if not paths:
+        raise PFedMoAPError("report: no run directory given; expected at least one")
+    pt = paper_table(tables.get(name, tables_file), paths)
+    text = format_paper_table(pt, fmt)
+    if plot_dir is not None:
+        figures = plot_runs(pt.runs, plot_dir)
+        if fmt in ("table", "markdown"):
+            text += f"\n{len(figures)} figure(s) written to {plot_dir}\n"
+    return text
+
+
 # ---------------------------------------------------------------------------------- entry point
 
-def report_main(paths: list[str], fmt: str = "table", plot_dir: str | None = None) -> str:
-    """What `pfedmoap report RUN_DIR... [--format F] [--plot DIR]` prints. Any path that is not a
-    run raises PFedMoAPError before anything is written."""
+def report_main(paths: list[str], fmt: str = "table", plot_dir: str | None = None,
+                table: str | None = None, tables_file: str | None = None) -> str:
+    """What `pfedmoap report RUN_DIR... [--format F] [--plot DIR] [--table NAME]` prints. Any path
+    that is not a run raises PFedMoAPError before anything is written."""
+    if table is not None or tables_file is not None:
+        if table is None:
+            raise PFedMoAPError("--tables goes with --table TABLE")
+        return report_table(table, paths, fmt, plot_dir, tables_file)
+    if fmt == "latex":
+        raise PFedMoAPError("--format latex: only with --table TABLE (the paper's layout)")
     _check_format(fmt)
     if not paths:
         raise PFedMoAPError("report: no run directory given; expected at least one")

@@ -44,12 +44,32 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: the config's `out`)")
     run.add_argument("--if-exists", choices=("refuse", "resume", "overwrite"), default="refuse",
                      help="when the run directory already holds a run (default: refuse)")
+    run.add_argument("--with", dest="overlays", action="append", default=[], metavar="OVERLAY",
+                     help="a partial config applied on top of CONFIG, before --set, e.g. "
+                          "--with paper/methods/coop (repeatable, in order)")
+    run.add_argument("--table", metavar="TABLE", help="run a paper table's runs instead of CONFIG, into "
+                     "OUT/<table>/<column>/<row>/seed<k> (OUT: --out, default runs/paper; see: pfedmoap table list)")
+    run.add_argument("--tables", metavar="FILE", help="with --table: the tables file (default: the packaged one)")
+    run.add_argument("--index", type=int, action="append", default=[], metavar="I",
+                     help="with --table: only run I (repeatable; pfedmoap table runs TABLE lists them)")
     res = sub.add_parser("resume", help="continue a run from its checkpoint")
     res.add_argument("run_dir")
     rep = sub.add_parser("report", help="tables (and figures) from finished or running runs")
     rep.add_argument("run_dirs", nargs="+")
-    rep.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
+    rep.add_argument("--format", choices=("table", "csv", "markdown", "latex"), default="table",
+                     help="latex: with --table only")
+    rep.add_argument("--table", metavar="TABLE", help="print this paper table (methods x data sets, mean ± std "
+                     "over seeds) from the runs under RUN_DIRS (a table's OUT of pfedmoap run --table)")
+    rep.add_argument("--tables", metavar="FILE", help="with --table: the tables file (default: the packaged one)")
     rep.add_argument("--plot", metavar="DIR", help="write PNG figures to DIR")
+    tab = sub.add_parser("table", help="the paper's tables: list them, or one table's runs")
+    tab.add_argument("action", choices=("list", "runs"))
+    tab.add_argument("name", nargs="?", metavar="TABLE")
+    tab.add_argument("--tables", metavar="FILE", help="the tables file (default: the packaged one)")
+    tab.add_argument("--out", default="runs/paper", help="the OUT the run directories are listed under")
+    tab.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="shown in the listed commands as pfedmoap run --table would apply it")
+    tab.add_argument("--count", action="store_true", help="print only the number of runs")
     sub.add_parser("info", help="versions, MPI library, world size, devices")
     data = sub.add_parser("data", help="data-set tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -61,13 +81,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configs(args) -> list:
-    from . import config
+    from . import comm as comm_mod, config
+    if args.table or args.tables or args.index:
+        from . import tables
+        if not args.table:
+            raise PFedMoAPError("--tables and --index go with --table TABLE")
+        if args.config or args.overlays:
+            raise PFedMoAPError(f"--table {args.table}: the table names each run's config and overlays; "
+                                "give no CONFIG or --with (use --set for every run)")
+        cfgs = tables.configs_for(args.table, args.out or "runs/paper", args.sets, args.index, args.tables)
+        if args.if_exists != "resume":
+            return cfgs
+        todo = [c for c in cfgs if not tables.is_complete(c)]       # complete runs are kept as they are
+        if len(todo) < len(cfgs) and comm_mod.launcher_rank() == 0:
+            print(f"# table {args.table}: {len(cfgs) - len(todo)} of {len(cfgs)} runs already complete: kept")
+        return todo
     base = None if args.config else config.QUICKSTART
-    cfg = config.load(args.config, args.sets, base=base)
+    cfg = config.load(args.config, args.sets, base=base, overlays=args.overlays)
     if args.out:
         cfg.out = args.out
     picked = any(s.split("=", 1)[0].strip() == "algorithm" for s in args.sets)
-    if args.config or picked:
+    if args.config or picked or args.overlays:
         return [cfg]
     # The quick-start compares every method on the same split, seed and budget.
     out = []
@@ -82,6 +116,9 @@ def _run(configs, comm, if_exists: str) -> int:
     from . import config, federation
     from .data.partition import partition_summary
     say = print if comm.rank == 0 else (lambda *a, **k: None)
+    if not configs:                       # run --table --if-exists resume: every run was complete
+        say("nothing left to run")
+        return 0
     outcomes = []
     for cfg in configs:
         say(_header(cfg, comm.size))
@@ -234,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
             from .analysis import report_main
             if args.plot is not None:
                 check_writable_dir(args.plot, "--plot")
-            print(report_main(args.run_dirs, args.format, args.plot))
+            print(report_main(args.run_dirs, args.format, args.plot, table=args.table, tables_file=args.tables))
+            return 0
+        if args.command == "table":
+            from .tables import table_main
+            print(table_main(args.action, args.name, args.tables, args.out, args.count, args.sets))
             return 0
         if args.command == "info":
             return _info(comm)

@@ -258,16 +258,35 @@ def _read_text(p: Path) -> str:
         raise PFedMoAPError(f"config file {str(p)!r} cannot be read: {e.strerror}") from None
 
 
-def load(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Defaults <- `base` (e.g. the quick-start) <- TOML file <- `key=value` overrides; validated."""
+def load(path: str | None = None, overrides: list[str] = (), base: dict | None = None,
+         overlays: list = ()) -> Config:
+    """Defaults <- `base` (e.g. the quick-start) <- TOML file <- `overlays` in order <- `key=value`
+    overrides; validated. An overlay is a partial config: a TOML file (a path, or a packaged name
+    at any depth such as `paper/methods/coop`; `pfedmoap run CONFIG --with OVERLAY`) or a dict of
+    keys (dotted or nested) to values, as a file would hold them."""
+    from . import configs          # an existing file, else a packaged name such as paper/food101
     cfg = from_dict(base or {})
-    if path:
-        from .configs import find      # an existing file, else a packaged name such as paper/food101
-        p = find(path)
+    for i, layer in enumerate(([path] if path else []) + list(overlays)):
+        if isinstance(layer, dict):
+            from_dict(layer, cfg)
+            continue
+        if i == 0 and path:
+            p = configs.find(layer)
+        else:
+            p = Path(str(layer)).expanduser()
+            key = str(layer).strip().removesuffix(".toml").strip("/")
+            packaged = configs.ROOT / f"{key}.toml"
+            if not p.is_file() and key and ".." not in key.split("/") and packaged.is_file():
+                p = packaged
+            elif not p.is_file():
+                names = sorted(q.relative_to(configs.ROOT).with_suffix("").as_posix()
+                               for q in configs.ROOT.glob("*/methods/*.toml"))
+                raise PFedMoAPError(f"overlay {str(layer)!r} does not exist and is not a packaged overlay "
+                                    f"(packaged: {', '.join(names) or 'none'})")
         try:
             from_dict(tomllib.loads(_read_text(p)), cfg)
         except tomllib.TOMLDecodeError as e:
-            raise PFedMoAPError(f"config file {path!r} is not valid TOML: {e}") from None
+            raise PFedMoAPError(f"config file {str(layer)!r} is not valid TOML: {e}") from None
     for item in overrides:
         if "=" not in item:
             raise PFedMoAPError(f"--set {item!r}: expected key=value")
