@@ -165,6 +165,10 @@ def test_text_table_is_the_paper_layout_with_the_files_numbers(mini):
             runs = [_h5(out / "mini" / column.key / row.key / f"seed{s}") for s in (1, 2)]
             mean, std = _expected(runs)
             assert body[row.name][j] == f"{mean:.2f} ± {std:.2f}", (row.name, column.name)
+    markdown = report_table("mini", [str(out)], "markdown", tables_file=str(mini["tmp"] / "tables.toml"))
+    assert "| method | Dirichlet β=0.5 | Pathological |" in markdown.splitlines()
+    for name, cells in body.items():           # the same cells as the text table
+        assert f"| {name} | {' | '.join(cells)} |" in markdown.splitlines()
 
 
 def test_csv_and_latex_carry_the_same_numbers(mini):
@@ -174,7 +178,7 @@ def test_csv_and_latex_carry_the_same_numbers(mini):
     assert list(rows["PromptFL"]) == ["method", "Dirichlet β=0.5_mean", "Dirichlet β=0.5_std", "Dirichlet β=0.5_n",
                                       "Pathological_mean", "Pathological_std", "Pathological_n"]
     tex = (out / "mini" / "table.tex").read_text()
-    assert r"\begin{tabular}{lcc}" in tex and r"Method & Dirichlet β=0.5 & Pathological \\" in tex
+    assert r"\begin{tabular}{lcc}" in tex and r"Method & Dirichlet $\beta$=0.5 & Pathological \\" in tex
     tex_rows = {line.split(" & ")[0]: line.split(" & ")[1:] for line in tex.splitlines() if line.endswith(r"\\")}
     assert tex_rows["pFedPrompt"] == ["n/a", r"n/a \\"]
     means = {}

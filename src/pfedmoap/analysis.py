@@ -741,7 +741,9 @@ def format_paper_table(pt: PaperTable, fmt: str = "table") -> str:
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "λ": r"$\lambda$", "±": r"$\pm$", "·": r"$\cdot$", "≥": r"$\geq$", "≤": r"$\leq$"}
+                  "±": r"$\pm$", "·": r"$\cdot$", "≥": r"$\geq$", "≤": r"$\leq$", "×": r"$\times$",
+                  **{ch: f"$\\{name}$" for ch, name in zip("αβγδελμσ", ("alpha", "beta", "gamma", "delta",
+                                                                        "epsilon", "lambda", "mu", "sigma"))}}
 
 
 def _tex(text: str) -> str:
