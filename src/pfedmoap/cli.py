@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
                      "over seeds) from the runs under RUN_DIRS (a table's OUT of pfedmoap run --table)")
     rep.add_argument("--tables", metavar="FILE", help="with --table: the tables file (default: the packaged one)")
     rep.add_argument("--plot", metavar="DIR", help="write PNG figures to DIR")
+    sub.add_parser("info", help="versions, MPI library, world size, devices")
+    data = sub.add_parser("data", help="data-set tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    chk = dsub.add_parser("check", help="validate a data root and print per-split counts")
+    chk.add_argument("--dataset", required=True)
+    chk.add_argument("--root", default="")
+    chk.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     tab = sub.add_parser("table", help="the paper's tables: list them, or one table's runs")
     tab.add_argument("action", choices=("list", "runs"))
     tab.add_argument("name", nargs="?", metavar="TABLE")
@@ -70,13 +77,6 @@ def _parser() -> argparse.ArgumentParser:
     tab.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="shown in the listed commands as pfedmoap run --table would apply it")
     tab.add_argument("--count", action="store_true", help="print only the number of runs")
-    sub.add_parser("info", help="versions, MPI library, world size, devices")
-    data = sub.add_parser("data", help="data-set tools")
-    dsub = data.add_subparsers(dest="data_command", required=True)
-    chk = dsub.add_parser("check", help="validate a data root and print per-split counts")
-    chk.add_argument("--dataset", required=True)
-    chk.add_argument("--root", default="")
-    chk.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     return p
 
 
