@@ -64,9 +64,19 @@ class Run:
     def readable(self) -> bool:
         return self.attrs.get("schema_version") in READABLE_RESULTS
 
-    def accuracy_curve(self) -> np.ndarray:
-        """(R,) unweighted mean over clients of the accuracy, per round."""
-        return _nanmean(self.rounds["accuracy"], axis=1)
+    def accuracy_curve(self, full_only: bool = True) -> np.ndarray:
+        """(R,) unweighted mean over clients of the accuracy, per round. A round that evaluated only
+        some clients or none (run.eval_every, run.eval_clients: /rounds/evaluated) is NaN, or with
+        full_only=False the mean over the clients it evaluated (NaN where none)."""
+        curve = _nanmean(self.rounds["accuracy"], axis=1)
+        return np.where(self.full_rounds(), curve, np.nan) if full_only else curve
+
+    def full_rounds(self) -> np.ndarray:
+        """(R,) bool: the rounds that evaluated every client (all of them before schema 3)."""
+        evaluated = self.rounds.get("evaluated")
+        if not isinstance(evaluated, np.ndarray) or evaluated.ndim != 2:
+            return np.ones(self.n_done, bool)
+        return evaluated[:self.n_done].all(axis=1)
 
 
 def load_run(path: str | Path) -> Run:
@@ -192,9 +202,11 @@ def _summarize_group(group: Group) -> Row:
                     "rounds written")
     if first.n_done == 0:
         return row
+    # Fully evaluated rounds only (every round by default; the last round always): "last" is the last
+    # of them (the last round of a finished run), "last 5" the mean of those among the last 5 rounds.
     curves = np.stack([r.accuracy_curve() for r in runs])
-    row.acc_last = Stat.of(curves[:, -1])
-    row.acc_last5 = Stat.of(curves[:, -LAST_K:].mean(axis=1))
+    row.acc_last = Stat.of([c[np.isfinite(c)][-1] if np.isfinite(c).any() else np.nan for c in curves])
+    row.acc_last5 = Stat.of(_nanmean(curves[:, -LAST_K:], axis=1))
     mean_curve = curves.mean(axis=0)
     if np.isfinite(mean_curve).any():
         best = int(np.nanargmax(mean_curve))
@@ -417,9 +429,10 @@ def accuracy_figure(groups: list[Group], title: str = ""):
 
     fig, ax = _figure((7, 4.5))
     handles, labels = [], []
+    partial_rounds = False
     n_max = max([g.runs[0].n_done for g in groups] + [1])
     for group in groups:
-        curves = 100 * np.stack([r.accuracy_curve() for r in group.runs])
+        curves = 100 * np.stack([r.accuracy_curve() for r in group.runs])    # fully evaluated rounds
         mean = curves.mean(axis=0)
         n = len(group.runs)
         std = curves.std(axis=0, ddof=1) if n > 1 else None
@@ -428,13 +441,25 @@ def accuracy_figure(groups: list[Group], title: str = ""):
             line = ax.axhline(mean[0], linestyle="--", color="gray")
             band = None if std is None else ax.axhspan(mean[0] - std[0], mean[0] + std[0],
                                                       color="gray", alpha=0.15)
-        else:
+        else:  # rounds not evaluated (run.eval_every) are skipped, not drawn as gaps
             x = np.arange(1, len(mean) + 1)
-            (line,) = ax.plot(x, mean, marker="o", markersize=3)
-            band = None if std is None else ax.fill_between(x, mean - std, mean + std,
+            ok = np.isfinite(mean)
+            (line,) = ax.plot(x[ok], mean[ok], marker="o", markersize=3)
+            band = None if std is None else ax.fill_between(x[ok], (mean - std)[ok], (mean + std)[ok],
                                                             color=line.get_color(), alpha=0.2)
+            # rounds that evaluated only their participants (run.eval_clients): hollow markers
+            partial = 100 * np.stack([r.accuracy_curve(full_only=False) for r in group.runs]).mean(axis=0)
+            some = ~ok & np.isfinite(partial)
+            if some.any():
+                ax.plot(x[some], partial[some], linestyle="none", marker="o", markersize=4,
+                        markerfacecolor="none", color=line.get_color())
+                partial_rounds = True
         handles.append(line if band is None else (band, line))
         labels.append(_legend(group))
+    if partial_rounds:
+        from matplotlib.lines import Line2D
+        handles.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", color="gray"))
+        labels.append("participants only (run.eval_clients)")
     ax.set(xlabel="round", ylabel="mean client accuracy (%)", xlim=(0.5, n_max + 0.5),
            title=title)
     _integer_ticks(ax.xaxis)
@@ -495,6 +520,9 @@ def gating_figure(run: Run, variant: str = ""):
     k = weights.shape[1]
     fig, ax = _figure((7, 4.5))
     x = np.arange(1, len(weights) + 1)
+    n_rounds = len(x)
+    ok = np.isfinite(weights).any(axis=1)     # rounds without evaluation (run.eval_every) are skipped
+    x, weights = x[ok], weights[ok]
     shown = k if k <= MAX_GATING_LINES else MAX_GATING_LINES - 1
     for j in range(shown):
         ax.plot(x, weights[:, j], marker="o", markersize=3,
@@ -504,7 +532,7 @@ def gating_figure(run: Run, variant: str = ""):
                 label=f"experts {shown}-{k - 1} (mean)")
     if k > 1:
         ax.axhline(1 / k, linestyle=":", color="black", linewidth=1, label=f"uniform 1/K = 1/{k}")
-    ax.set(xlabel="round", ylabel="mean gating weight", ylim=(0, 1), xlim=(0.5, len(x) + 0.5))
+    ax.set(xlabel="round", ylabel="mean gating weight", ylim=(0, 1), xlim=(0.5, n_rounds + 0.5))
     ax.set_title(f"gating: {run_label(run, variant)}\n{setting(run)}", fontsize="medium")
     _integer_ticks(ax.xaxis)
     ax.legend(fontsize="small", ncols=2)

@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                      "over seeds) from the runs under RUN_DIRS (a table's OUT of pfedmoap run --table)")
     rep.add_argument("--tables", metavar="FILE", help="with --table: the tables file (default: the packaged one)")
     rep.add_argument("--plot", metavar="DIR", help="write PNG figures to DIR")
+    rep.add_argument("--follow", action="store_true", help="one run being written: print each round as it "
+                     "lands, until the run is complete or stopped (or Ctrl-C)")
     sub.add_parser("info", help="versions, MPI library, world size, devices")
     data = sub.add_parser("data", help="data-set tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -227,6 +229,26 @@ def _data_check(args) -> int:
     return 0
 
 
+def _follow(run_dirs: list[str]) -> int:
+    """`pfedmoap report --follow RUN_DIR`: the console's per-round line for each round as it is
+    committed to RUN_DIR/results.h5 (wall time: the round's, as recorded), then how the run ended."""
+    from . import store
+    if len(run_dirs) != 1:
+        raise PFedMoAPError(f"report --follow: follows one run directory, got {len(run_dirs)}")
+    path = Path(run_dirs[0])
+    if path.is_file() and not store.h5py.is_hdf5(path):
+        raise PFedMoAPError(f"{path}: not an HDF5 file; expected a pfedmoap run directory or its results.h5")
+    if not (path / store.RESULTS).exists() and not path.is_file():
+        print(f"# waiting for {path / store.RESULTS}", file=sys.stderr, flush=True)
+    for row in store.follow(path):
+        print(store.round_line(row["round"], row["n_rounds"], row["accuracy"], row["participants"],
+                               row["evaluated"], row["n_clients"], row["wall_time"], digits=2), flush=True)
+    attrs = store.read_results(path, rounds=False)["attrs"]
+    print(f"# run {attrs['status']}: {attrs['rounds_done']} of {attrs['n_rounds']} rounds"
+          + (f"; resume with: pfedmoap resume {path}" if attrs["status"] == "stopped" else ""), flush=True)
+    return 0
+
+
 def _request_stop(*_args) -> None:
     from . import federation
     federation.request_stop()
@@ -267,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(configs, comm, args.if_exists)
         if args.command == "resume":
             return _resume(args.run_dir, comm)
+        if args.command == "report" and args.follow:
+            return _follow(args.run_dirs)
         if args.command == "report":
             from .analysis import report_main
             if args.plot is not None:

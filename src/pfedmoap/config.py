@@ -107,6 +107,12 @@ class RunConfig:
     progress: bool = True         # a progress bar on a terminal (one process); lines per round otherwise
     truncate_eos: bool = True     # exact fast path: cut the text sequence after the last EOS
     shared_prefix: bool = True    # exact fast path: encode [SOS]+ctx once for every class
+    # Evaluation schedule: every eval_every-th round evaluates `eval_clients` ("all" clients, or only
+    # the round's "participants"); the other rounds evaluate nobody; the last round evaluates every
+    # client. Not evaluated: NaN in results.h5 (/rounds/evaluated says who was). A schedule other than
+    # the default is part of the run's identity (federation.run_hash): it can change what some methods train.
+    eval_every: int = 1
+    eval_clients: str = "all"     # all | participants
 
 
 @dataclass
@@ -387,6 +393,11 @@ def validate(cfg: Config) -> None:
     _need(cfg.model.precision in ("fp32", "bf16", "fp16"), f"model.precision = {cfg.model.precision!r}: expected fp32, bf16 or fp16")
     _need(cfg.run.threads >= 0, f"run.threads = {cfg.run.threads}: expected >= 0 (0 = automatic)")
     _need(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every = {cfg.run.checkpoint_every}: expected >= 0 (0 = only at the end)")
+    _need(1 <= cfg.run.eval_every <= MAX_ROUNDS,
+          f"run.eval_every = {cfg.run.eval_every}: expected 1 to {MAX_ROUNDS} (rounds between evaluations; "
+          f"the last round is always evaluated)")
+    _need(cfg.run.eval_clients in ("all", "participants"),
+          f"run.eval_clients = {cfg.run.eval_clients!r}: expected all or participants")
 
 
 # The embedded quick-start: the shipped micro CLIP on held-out digits with domain shift.

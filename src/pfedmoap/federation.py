@@ -7,6 +7,8 @@ each hosted client, counts bytes, times phases and writes results and checkpoint
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from . import comm as comm_mod, store
-from .algorithms.base import sample_participants  # noqa: F401  (re-exported for tools and tests)
+from .algorithms.base import Broadcast, PerClient, sample_participants  # noqa: F401  (re-exported for tools and tests)
 from .build import Build
 from .config import Config
 from .errors import PFedMoAPError
 from .exchange import Transport
 
-PHASES = ("comm", "prepare", "train", "eval", "write")
+PHASES = ("comm", "prepare", "train", "eval", "write", "server")   # server: rank 0's method work
+CHECKPOINT_BLOCK_BYTES = 64 << 20   # client states per gather/scatter step of a checkpoint, all ranks together
 EXIT_STOPPED = 75          # checkpointed on a signal: the job script requeues and resumes
 _stop = {"requested": False}
 
@@ -37,6 +40,43 @@ class Outcome:
     status: str                                  # complete | stopped
     mean_accuracy: list[float] = field(default_factory=list)
     domain_accuracy: dict[str, float] = field(default_factory=dict)   # last round, all clients' test images together
+
+
+def run_hash(cfg: Config) -> str:
+    """The run's identity (checkpoints, results.h5 `config_hash`): Config.hash, which leaves out [run],
+    plus a non-default evaluation schedule. Skipping a client's evaluation can change what it trains
+    from next (fedper's clients adopt the shared rows, fedotp's the global prompt, when evaluated), so
+    a checkpoint of another schedule is refused on resume; the default schedule keeps the plain hash."""
+    run = cfg.run
+    if run.eval_every == 1 and run.eval_clients == "all":
+        return cfg.hash()
+    key = f"{cfg.hash()}|eval_every={run.eval_every}|eval_clients={run.eval_clients}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def evaluated_clients(cfg: Config, round_: int, rounds: int, participants: np.ndarray) -> np.ndarray:
+    """(N,) bool: whom round `round_` evaluates (run.eval_every, run.eval_clients). The last round
+    evaluates every client; so does every eval_every-th round with eval_clients = "all", while with
+    "participants" those rounds evaluate the round's participants; other rounds evaluate nobody."""
+    n = len(participants)
+    if round_ == rounds - 1:
+        return np.ones(n, bool)
+    if (round_ + 1) % cfg.run.eval_every:
+        return np.zeros(n, bool)
+    return np.ones(n, bool) if cfg.run.eval_clients == "all" else participants.astype(bool).copy()
+
+
+def _only(payload, mask: np.ndarray):
+    """A download payload restricted to the clients in `mask`."""
+    if isinstance(payload, Broadcast):
+        return Broadcast(payload.row, np.asarray(payload.to, bool) & mask)
+    counts = np.asarray(payload.counts, np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return payload
+    rows = np.asarray(payload.rows)
+    rows = rows.reshape(total, -1) if rows.shape[:1] != (total,) else rows
+    return PerClient(rows[np.repeat(mask, counts)], np.where(mask, counts, 0))
 
 
 def _check_finite(round_: int, cid: int, values: dict, what: str) -> None:
@@ -65,6 +105,11 @@ class Federation:
         self.server = self.method.server() if self.root else None
         self.states = {int(c): self.client.init_state(int(c)) for c in self.mine}
         self.results: store.Results | None = None
+        self.run_hash = run_hash(cfg)
+        self._owned: list[np.ndarray] | None = None          # rank 0: each rank's client ids
+        self.checkpoints: list[tuple[int, float, int]] = []  # rank 0: (round, seconds, bytes) per checkpoint
+        # a method's server may skip work for clients not evaluated (configure_evaluate(r, evaluated=mask))
+        self._eval_mask_kw = self.root and "evaluated" in inspect.signature(self.server.configure_evaluate).parameters
 
     # ------------------------------------------------------------------ run
     def run(self, run_dir: str | Path, if_exists: str = "refuse") -> Outcome:
@@ -72,7 +117,7 @@ class Federation:
         start, ckpt, error, self.lock = 0, None, None, None
         if self.root:
             try:
-                start, ckpt, self.lock = store.open_run(run_dir, if_exists, self.cfg.hash(),
+                start, ckpt, self.lock = store.open_run(run_dir, if_exists, self.run_hash,
                                                         self._checkpoint_shapes())
                 self._open_results(run_dir, start)
             except PFedMoAPError as e:
@@ -83,8 +128,12 @@ class Federation:
         try:
             return self._rounds(run_dir, start, ckpt)
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            try:
+                if self.results is not None:
+                    self.results.close()      # a stopped run's file is cut to its rounds
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
 
     def _rounds(self, run_dir: Path, start: int, ckpt) -> Outcome:
         start = int(self.comm.bcast(np.array([start], np.int64))[0])
@@ -112,28 +161,31 @@ class Federation:
                 outcome.status = "stopped"
                 break
         if self.root:
-            outcome.mean_accuracy = [float(np.nanmean(rec.accuracy)) for rec in self.results.records]
+            outcome.mean_accuracy = list(self.results.mean_accuracy)
             counts = self.results.partition["test_domain_counts"]
-            hits = np.nansum(self.results.records[-1].domain_accuracy * counts, axis=0)
-            outcome.domain_accuracy = {name: float(hits[j] / counts[:, j].sum())
-                                       for j, name in enumerate(self.dataset.domain_names) if counts[:, j].sum()}
+            last = self.results.last_value("domain_accuracy")
+            if last is not None:
+                hits = np.nansum(last * counts, axis=0)
+                outcome.domain_accuracy = {name: float(hits[j] / counts[:, j].sum())
+                                           for j, name in enumerate(self.dataset.domain_names) if counts[:, j].sum()}
         return outcome
 
     def _open_results(self, run_dir: Path, start: int) -> None:
         store.write_text(run_dir / "config.toml", self.cfg.to_toml())   # the full config, readable
-        fields = {lg.name: store.Field(np.dtype(lg.dtype).type, "", lg.description) for lg in self.logs.values()}
+        fields = {lg.name: store.Field(np.dtype(lg.dtype).type, "", lg.description, tuple(lg.shape))
+                  for lg in self.logs.values()}
         if start > 0:
-            self.results = store.Results.reopen(run_dir, start, fields)
+            self.results = store.Results.reopen(run_dir, start, fields, list(PHASES), self.comm.size)
         else:
             attrs = {"config": self.cfg.to_toml(), "algorithm": self.cfg.algorithm,
                      "dataset": self.cfg.data.dataset, "partition": self.cfg.data.partition,
                      "seed": self.cfg.seed, "world_size": self.comm.size, "n_clients": self.N,
                      "n_classes": self.dataset.n_classes, "n_rounds": self.rounds,
-                     "config_hash": self.cfg.hash(), "dp_noise_multiplier": self.build.dp_noise,
+                     "config_hash": self.run_hash, "dp_noise_multiplier": self.build.dp_noise,
                      "dp_delta": self.cfg.dp.delta,
                      "dp_epsilon": np.nan if self.build.dp_epsilon is None else self.build.dp_epsilon[-1]}
             self.results = store.Results(run_dir, attrs, self.build.partition_arrays(), list(PHASES), fields)
-        self.results.attrs["world_size"] = self.comm.size
+            self.results.create()         # every round's row reserved; the file exists from now on
 
     # ------------------------------------------------------------------ one round
     def _round(self, r: int) -> None:
@@ -149,43 +201,47 @@ class Federation:
         N, A = self.N, self.arrays
         part = np.zeros(N, np.int32)
         if self.root:
-            part[self.server.participants(r)] = 1
+            part[timed("server", self.server.participants, r)] = 1
         is_part = timed("comm", self.comm.bcast, part).astype(bool)
         participants = np.flatnonzero(is_part)
+        evaluated = evaluated_clients(self.cfg, r, self.rounds, is_part)      # the same on every rank
+        everyone = bool(evaluated.all())
 
         # down: what the participants train from (and the others may be evaluated with)
-        down, bytes_down = timed("comm", self.transport.down, A.fit_down,
-                                 self.server.configure_fit(r, participants) if self.root else None)
+        fit_payload = timed("server", self.server.configure_fit, r, participants) if self.root else None
+        down, bytes_down = timed("comm", self.transport.down, A.fit_down, fit_payload)
         timed("prepare", self.client.prepare, r, down)
 
         # clients: the participants train and upload
-        bar = self._progress_bar(r, int(is_part[self.mine].sum()) + len(self.mine))
+        hosted_part = self.mine[is_part[self.mine]]
+        hosted_eval = np.flatnonzero(evaluated[self.mine])        # positions in self.mine
+        bar = self._progress_bar(r, len(hosted_part) + len(hosted_eval))
         t = time.perf_counter()
         uploads = {}
-        for c in self.mine:
-            if is_part[c]:
-                bar.update()
-                uploads[int(c)] = self.client.fit(self.states[int(c)], self.build.data[int(c)], r, int(c), down[int(c)])
-                _check_finite(r, int(c), uploads[int(c)], "upload")
+        for c in hosted_part.tolist():
+            bar.update()
+            uploads[c] = self.client.fit(self.states[c], self.build.data[c], r, c, down[c])
+            _check_finite(r, c, uploads[c], "upload")
         phase["train"] += time.perf_counter() - t
 
         # up: one Gatherv per declared array; the server turns them into its next state
         got, bytes_up = timed("comm", self.transport.up, A.up, participants, uploads)
+        eval_payload = None
         if self.root:
-            self.server.aggregate_fit(r, participants, got)
-        eval_down, eval_bytes = timed("comm", self.transport.down, A.eval_down,
-                                      self.server.configure_evaluate(r) if self.root else None)
+            timed("server", self.server.aggregate_fit, r, participants, got)
+            eval_payload = timed("server", self._configure_evaluate, r, evaluated)
+        eval_down, eval_bytes = timed("comm", self.transport.down, A.eval_down, eval_payload)
         timed("prepare", self.client.prepare, r, eval_down)
 
-        # every hosted client is evaluated on its own test split
+        # the round's evaluated clients (every one by default) on their own test splits
         client_logs = [lg for lg in self.logs.values() if lg.side == "client"]
         n_dom = len(self.dataset.domain_names)
         width = 3 + n_dom + sum(int(np.prod(lg.shape)) for lg in client_logs)
         metrics = np.full((len(self.mine), width), np.nan, np.float32)
         t = time.perf_counter()
-        for i, c in enumerate(self.mine):
+        for i in hosted_eval.tolist():
             bar.update()
-            c = int(c)
+            c = int(self.mine[i])
             res = self.client.evaluate(self.states[c], self.build.data[c], r, c, {**down[c], **eval_down[c]})
             if len(self.build.data[c].test_y):
                 _check_finite(r, c, {"test loss": res.loss}, "evaluation")
@@ -208,7 +264,13 @@ class Federation:
             return
         t = time.perf_counter()
         metrics = metrics.reshape(N, width)
-        logs, at = dict(self.server.logs()), 3 + n_dom
+        logs, at = dict(timed("server", self.server.logs)), 3 + n_dom
+        if not everyone:        # a client that neither trained nor was evaluated has no server-side value
+            idle = ~(is_part | evaluated)
+            for lg in self.logs.values():
+                if lg.side == "server" and lg.name in logs:
+                    logs[lg.name] = np.array(logs[lg.name], copy=True)
+                    logs[lg.name][idle] = lg.fill
         for lg in client_logs:
             size = int(np.prod(lg.shape))
             logs[lg.name] = metrics[:, at:at + size].reshape(N, *lg.shape).astype(lg.dtype)
@@ -217,10 +279,22 @@ class Federation:
             accuracy=metrics[:, 0], macro_f1=metrics[:, 1], loss=metrics[:, 2], participated=is_part,
             domain_accuracy=metrics[:, 3:3 + n_dom], bytes_up=bytes_up, bytes_down=bytes_down + eval_bytes,
             phase_time=phases.reshape(self.comm.size, len(PHASES)), wall_time=time.perf_counter() - t_round,
-            dp_epsilon=np.nan if self.build.dp_epsilon is None else self.build.dp_epsilon[r], logs=logs))
-        self.log(f"round {r + 1}/{self.rounds}  mean accuracy {100 * np.nanmean(metrics[:, 0]):.2f}%  "
-                 f"participants {len(participants)}/{N}  {time.perf_counter() - t_round:.1f}s")
+            dp_epsilon=np.nan if self.build.dp_epsilon is None else self.build.dp_epsilon[r], logs=logs,
+            evaluated=evaluated))
+        self.log(store.round_line(r, self.rounds, metrics[:, 0], len(participants), int(evaluated.sum()), N,
+                                  time.perf_counter() - t_round, digits=1))
         self.results.add_time(time.perf_counter() - t)
+
+    def _configure_evaluate(self, r: int, evaluated: np.ndarray) -> dict:
+        """The server's evaluation payloads, restricted to the clients evaluated this round (a server
+        whose configure_evaluate takes `evaluated` may also skip their work, e.g. routing)."""
+        if evaluated.all():
+            return self.server.configure_evaluate(r)
+        if not evaluated.any():
+            return {}
+        out = self.server.configure_evaluate(r, evaluated=evaluated) if self._eval_mask_kw \
+            else self.server.configure_evaluate(r)
+        return {k: _only(p, evaluated) for k, p in out.items()}
 
     def _progress_bar(self, r: int, steps: int):
         """Clients trained and evaluated so far, on a terminal, when rank 0 hosts the clients."""
@@ -237,23 +311,58 @@ class Federation:
                 shapes[f"server/{k}"] = v.shape
         return shapes
 
+    def _blocks(self) -> tuple[int, int]:
+        """(clients per rank per block, blocks): client states move between the ranks and the
+        checkpoint a block at a time, at most CHECKPOINT_BLOCK_BYTES on rank 0 (the same on every rank)."""
+        per = max(1, CHECKPOINT_BLOCK_BYTES // (4 * max(1, self.build.state_size) * max(1, self.comm.size - 1)))
+        most = int(self.transport.hosted.max()) if len(self.transport.hosted) else 0
+        return per, -(-most // per)
+
+    def _block_ids(self, b: int, per: int) -> np.ndarray:
+        """Rank 0: the client ids of block b, in the order Gatherv/Scatterv lay the ranks' rows."""
+        if self._owned is None:
+            self._owned = [np.flatnonzero(self.transport.owner == r) for r in range(self.comm.size)]
+        return np.concatenate([ids[b * per:(b + 1) * per] for ids in self._owned])
+
     def _checkpoint(self, run_dir: Path, rounds_done: int) -> None:
-        S = self.build.state_size
-        local = np.stack([self.client.state_vector(self.states[int(c)]) for c in self.mine]) \
-            if len(self.mine) else np.zeros((0, S), np.float32)
-        states = self.comm.gatherv(local, [int(n) * S for n in self.transport.hosted])
+        """Rank 0 writes checkpoint.h5 as the client states arrive, a block at a time from every rank
+        (no rank holds more than a block of stacked states; rank 0 never the whole (N, S) array)."""
+        S, t = self.build.state_size, time.perf_counter()
+        per, steps = self._blocks()
+
+        def blocks():
+            for b in range(steps):
+                ids = self.mine[b * per:(b + 1) * per]
+                local = np.stack([self.client.state_vector(self.states[int(c)]) for c in ids]) \
+                    if len(ids) else np.zeros((0, S), np.float32)
+                counts = [max(0, min(per, int(n) - b * per)) * S for n in self.transport.hosted]
+                got = self.comm.gatherv(local, counts)
+                if self.root:
+                    block = self._block_ids(b, per)
+                    yield block, got.reshape(len(block), S)
+
         if self.root:
-            arrays = {"clients/state": states.reshape(self.N, S),
-                      **{f"server/{k}": v for k, v in self.server.state_dict().items()}}
-            store.write_checkpoint(run_dir, rounds_done, self.cfg.to_toml(), self.cfg.hash(), arrays)
+            server = {f"server/{k}": v for k, v in self.server.state_dict().items()}
+            store.write_checkpoint(run_dir, rounds_done, self.cfg.to_toml(), self.run_hash, server,
+                                   {"clients/state": ((self.N, S), blocks())})
+            self.checkpoints.append((rounds_done, time.perf_counter() - t, (run_dir / store.CHECKPOINT).stat().st_size))
+        else:
+            for _ in blocks():
+                pass
 
     def _restore(self, ckpt: dict | None) -> None:
         S = self.build.state_size
-        recv = np.empty((len(self.mine), S), np.float32)
-        self.comm.scatterv(ckpt["clients/state"] if self.root else None,
-                           [int(n) * S for n in self.transport.hosted], recv)
-        for i, c in enumerate(self.mine):
-            self.client.load_state_vector(self.states[int(c)], recv[i])
+        per, steps = self._blocks()
+        for b in range(steps):
+            ids = self.mine[b * per:(b + 1) * per]
+            send = None
+            if self.root:
+                rows, want = ckpt["clients/state"], self._block_ids(b, per)
+                send = rows.rows(want) if isinstance(rows, store.CheckpointRows) else rows[want]
+            recv = np.empty((len(ids), S), np.float32)
+            self.comm.scatterv(send, [max(0, min(per, int(n) - b * per)) * S for n in self.transport.hosted], recv)
+            for i, c in enumerate(ids):
+                self.client.load_state_vector(self.states[int(c)], recv[i])
         if self.root:
             prefix = "server/"
             self.server.load_state_dict({k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)})

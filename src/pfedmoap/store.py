@@ -1,7 +1,10 @@
 """HDF5 run files: `results.h5` (every round) and `checkpoint.h5` (to resume). Layout: docs/hdf5-layout.md.
 
-Rank 0 is the only writer. Both files are written whole to a temporary file, flushed, synced and
-renamed over the old one: a job killed at any moment leaves the previous file intact.
+Rank 0 is the only writer. A checkpoint is written whole to a temporary file, flushed, synced and
+renamed over the old one: a job killed at any moment leaves the previous file intact. results.h5 is
+created that way and then appended in place, one reserved row per round, committed by its
+`rounds_done` attribute (`Results`): a job killed at any moment leaves a file that opens with every
+round it reported complete.
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ import numpy as np
 from . import __version__
 from .errors import PFedMoAPError
 
-SCHEMA_VERSION = 2          # 2: method-declared round logs, checkpoint groups /clients and /server
-READABLE_RESULTS = (1, 2)   # results.h5 of schema 1 hold the same round fields (no method-declared logs)
+SCHEMA_VERSION = 2          # checkpoints; 2: groups /clients and /server
+# results.h5: 1 and 2 hold the same round fields (2 adds method-declared logs); 3 (RESULTS_SCHEMA)
+# reserves the rows of every planned round (rows past rounds_done are not rounds) and adds /rounds/evaluated
+READABLE_RESULTS = (1, 2, 3)
 RESULTS, CHECKPOINT = "results.h5", "checkpoint.h5"
 
 
@@ -26,6 +31,7 @@ class Field:
     dtype: type
     units: str
     description: str
+    shape: tuple[int, ...] = ()         # per client, after the client axis (method logs)
 
 
 # The round fields every method has; a method adds its own (algorithms.base.Log).
@@ -34,6 +40,9 @@ ROUND_FIELDS = {
     "macro_f1": Field(np.float32, "fraction", "macro-F1 on the client's own test split"),
     "loss": Field(np.float32, "nats", "mean cross-entropy on the client's own test split"),
     "participated": Field(np.bool_, "bool", "the client trained in this round (1) or not (0)"),
+    "evaluated": Field(np.bool_, "bool", "the client was evaluated this round (1); where 0 its accuracy, "
+                       "macro_f1, loss, domain_accuracy and client-side logs are NaN (run.eval_every, "
+                       "run.eval_clients)"),
     "domain_accuracy": Field(np.float32, "fraction", "accuracy per domain of the client's test split; "
                              "NaN where it has no image of that domain"),
     "bytes_up": Field(np.int64, "bytes", "payload bytes the client sent this round"),
@@ -59,6 +68,7 @@ class RoundRecord:
     wall_time: float
     dp_epsilon: float = float("nan")
     logs: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (N, *shape)
+    evaluated: np.ndarray | None = None  # (N,) bool; None: every client
 
 
 def library_versions() -> str:
@@ -94,9 +104,10 @@ def write_text(path: Path, text: str) -> None:
         _failed_write(path, tmp, e)
 
 
-def _failed_write(path: Path, tmp: Path, err: BaseException) -> None:
+def _failed_write(path: Path, tmp: Path | None, err: BaseException) -> None:
     try:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     except OSError:
         pass
     reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).splitlines()[0]
@@ -104,53 +115,173 @@ def _failed_write(path: Path, tmp: Path, err: BaseException) -> None:
                         f"intact (full disk or quota? free space, then resume)") from None
 
 
-class Results:
-    """The results log held by rank 0 and rewritten atomically after every round.
+# ---------------------------------------------------------------------------- results.h5, appended in place
 
-    `logs` declares the method's own per-client logs: name -> (dtype, units, description)."""
+RESULTS_SCHEMA = 3          # 3: rows appended in place (preallocated, `rounds_done` commits), /rounds/evaluated
+CHUNK_BYTES = 64 * 1024     # target size of a chunk of round rows (one row at least)
+
+
+def _row_chunks(n_rounds: int, row_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    rows = max(1, min(n_rounds, CHUNK_BYTES // max(1, itemsize * int(np.prod(row_shape, dtype=np.int64)))))
+    return (rows, *row_shape)
+
+
+def _create_rounds_dataset(group: h5py.Group, name: str, n_rounds: int, row_shape: tuple[int, ...],
+                           dtype, info: Field | None) -> h5py.Dataset:
+    """(n_rounds, *row_shape), resizable on the round axis, every chunk allocated now (H5D_ALLOC_TIME_EARLY)
+    and never filled (sparse until written): a round's row is later written in place, and no write
+    after the file's creation allocates space or touches the chunk index."""
+    dtype = np.dtype(dtype)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    ds = group.create_dataset(name, shape=(n_rounds, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
+                              chunks=_row_chunks(n_rounds, row_shape, dtype.itemsize), dcpl=dcpl,
+                              track_times=False)
+    if info is not None:
+        ds.attrs["units"] = info.units
+        ds.attrs["description"] = info.description
+    return ds
+
+
+class Results:
+    """results.h5 of a run, held open by rank 0 and appended in place (docs/hdf5-layout.md).
+
+    The file is created whole (temporary file, fsync, rename) with every round's row reserved:
+    each /rounds data set has n_rounds rows, chunked, every chunk allocated at creation and left
+    unwritten. A round is then written into its reserved row, flushed and fsync'ed, and only then is
+    the root attribute `rounds_done` rewritten in place: after creation nothing allocates file space
+    or changes the file's structure, so a process killed at any moment leaves a file that opens,
+    with every round up to `rounds_done` complete (rows past it are not rounds yet). A stopped run's
+    file is cut to its rounds (rewritten atomically) when it closes; a resumed run's file is rewritten
+    from the rounds its checkpoint covers (`reopen`). Memory and time per round do not grow with the
+    rounds already written.
+
+    `logs` declares the method's own per-client logs: name -> Field (dtype, units, description, shape)."""
 
     def __init__(self, run_dir: Path, attrs: dict, partition: dict, phases: list[str],
                  logs: dict[str, Field] | None = None):
         self.path = Path(run_dir) / RESULTS
-        self.attrs = {"schema_version": SCHEMA_VERSION, "package_version": __version__,
+        self.attrs = {"schema_version": RESULTS_SCHEMA, "package_version": __version__,
                       "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "rounds_done": 0, "status": "running", **attrs}
         self.partition = partition
-        self.phases = phases
+        self.phases = list(phases)
         self.log_fields = dict(logs or {})
-        self.records: list[RoundRecord] = []
+        self.mean_accuracy: list[float] = []        # per round written, over the evaluated clients
+        self.last: RoundRecord | None = None        # the latest round (its timings are still added to)
+        self._pending: list[RoundRecord] = []       # appended, not yet in the file
+        self._written = 0                           # rows in the file
+        self._timing_dirty: tuple[int, RoundRecord] | None = None   # a written row whose timings grew
+        self._file: h5py.File | None = None
+
+    # -------------------------------------------------------------- the rounds
+    @property
+    def rounds_done(self) -> int:
+        return int(self.attrs["rounds_done"])
 
     def append(self, record: RoundRecord) -> None:
+        """The next round; it is in the file after the next `write`."""
         if set(record.logs) != set(self.log_fields):
             raise ValueError(f"round logs {sorted(record.logs)} != declared {sorted(self.log_fields)}")
-        self.records.append(record)
-        self.attrs["rounds_done"] = len(self.records)
+        if record.evaluated is None:
+            record.evaluated = np.ones(len(record.accuracy), bool)
+        self._pending.append(record)
+        self.last = record
+        self.mean_accuracy.append(_quiet_nanmean(record.accuracy))
+        self.attrs["rounds_done"] = self._written + len(self._pending)
 
     def add_time(self, seconds: float, phase: str = "write") -> None:
-        """Time rank 0 spent on the last round after it was recorded (writing it)."""
-        rec = self.records[-1]
+        """Time rank 0 spent on the last round after it was recorded (writing it); in the file at the
+        next `write`."""
+        rec = self.last
         rec.phase_time[0, self.phases.index(phase)] += seconds
         rec.wall_time += seconds
-
-    def columns(self) -> dict[str, np.ndarray]:
-        """Every round field stacked over the rounds: name -> (R, ...)."""
-        out = {}
-        if not self.records:
-            return out
-        for k, f in ROUND_FIELDS.items():
-            rows = [np.asarray(getattr(r, k), f.dtype) for r in self.records]
-            out[k] = np.stack(_pad_ranks(rows) if k == "phase_time" else rows)
-        for k, f in self.log_fields.items():
-            out[k] = np.stack([np.asarray(r.logs[k], f.dtype) for r in self.records])
-        return out
+        if not self._pending and self._written:
+            self._timing_dirty = (self._written - 1, rec)
 
     def write(self, status: str | None = None) -> None:
+        """Every appended round into its reserved row, flushed and synced, then `rounds_done` (and
+        `status`) rewritten in place and flushed: the commit."""
         if status:
             self.attrs["status"] = status
+        if self._file is None:
+            self.create()
+        f = self._file
+        try:
+            if self._timing_dirty is not None:
+                self._write_timing(*self._timing_dirty)
+            for rec in self._pending:
+                self._write_row(self._written, rec)
+                self._written += 1
+            self._pending.clear()
+            self._timing_dirty = None
+            f.flush()
+            os.fsync(f.id.get_vfd_handle())     # the rows are on disk before rounds_done says so
+            if self._committed != self._written:
+                f.attrs.modify("rounds_done", np.int64(self._written))     # in place: the commit
+                self._committed = self._written
+            if self._status != self.attrs["status"]:
+                f.attrs.modify("status", self.attrs["status"])
+                self._status = self.attrs["status"]
+            f.flush()
+        except (OSError, RuntimeError) as e:
+            self._abandon()
+            _failed_write(self.path, None, e)
+
+    def last_value(self, name: str) -> np.ndarray | None:
+        """A round field of the latest round (from memory, or from the file of a resumed run)."""
+        if self.last is not None:
+            return np.asarray(getattr(self.last, name))
+        if self.rounds_done == 0:
+            return None
+        with h5py.File(self.path, "r", locking=False) as f:
+            return f["rounds"][name][self.rounds_done - 1]
+
+    def close(self) -> None:
+        """Close the file; a run that stopped before its last round has its reserved rows cut
+        (the file rewritten atomically), so that every row of a finished file is a round."""
+        if self._file is None:
+            return
+        try:
+            self._file.close()
+        except (OSError, RuntimeError) as e:
+            self._file = None
+            _failed_write(self.path, None, e)
+        self._file = None
+        n = self.rounds_done
+        if self.attrs["status"] == "stopped" and n < int(self.attrs["n_rounds"]):
+            _rewrite_results(self.path, n, self.phases, int(self.attrs["world_size"]), dict(self.attrs))
+
+    def _abandon(self) -> None:
+        try:
+            self._file.close()
+        except Exception:   # noqa: BLE001 - the file is already in error; what was committed stays
+            pass
+        self._file = None
+
+    # -------------------------------------------------------------- the file
+    def _shapes(self) -> dict[str, tuple[tuple[int, ...], type]]:
+        """Row shape and dtype of every /rounds data set."""
+        N = int(self.attrs["n_clients"])
+        n_dom = max(1, len(self.partition.get("domain_names", ())) or 1)
+        W = int(self.attrs["world_size"])
+        shapes = {k: ((N,), f.dtype) for k, f in ROUND_FIELDS.items()}
+        shapes["domain_accuracy"] = ((N, n_dom), np.float32)
+        shapes["phase_time"] = ((W, len(self.phases)), np.float32)
+        shapes["wall_time"] = ((), np.float32)
+        shapes["dp_epsilon"] = ((), np.float64)
+        for k, f in self.log_fields.items():
+            shapes[k] = ((N, *f.shape), f.dtype)
+        return shapes
+
+    def create(self) -> None:
+        """A new results.h5 with every round's row reserved, then held open for the rounds."""
+        shapes, n_rounds = self._shapes(), int(self.attrs["n_rounds"])
+        info = {**ROUND_FIELDS, **self.log_fields}
 
         def fill(f):
-            for k, v in self.attrs.items():
-                f.attrs[k] = v
+            _write_attrs(f, self.attrs)
             g = f.create_group("partition")
             for k, v in self.partition.items():
                 if k in ("classnames", "domain_names"):
@@ -158,35 +289,206 @@ class Results:
                 else:
                     g.create_dataset(k, data=v)
             r = f.create_group("rounds")
-            info = {**ROUND_FIELDS, **self.log_fields}
-            for k, v in self.columns().items():
-                ds = r.create_dataset(k, data=v)
-                ds.attrs["units"] = info[k].units
-                ds.attrs["description"] = info[k].description
-            if "phase_time" in r:
-                r["phase_time"].attrs["phases"] = self.phases
+            for k, (shape, dtype) in shapes.items():
+                _create_rounds_dataset(r, k, n_rounds, shape, dtype, info[k])
+            r["phase_time"].attrs["phases"] = self.phases
         _atomic_write(self.path, fill)
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            self._file = h5py.File(self.path, "r+", locking=False)   # the run lock keeps other writers out
+        except OSError as e:
+            _failed_write(self.path, None, e)
+        self._written = self._committed = int(self._file.attrs["rounds_done"])
+        self._status = _plain(self._file.attrs["status"])
+        self._rows = {k: self._file["rounds"][k] for k in self._file["rounds"]}
+
+    def _write_row(self, i: int, rec: RoundRecord) -> None:
+        for k, f in ROUND_FIELDS.items():
+            if k == "phase_time":
+                continue
+            self._rows[k][i] = np.asarray(getattr(rec, k), f.dtype)
+        for k, f in self.log_fields.items():
+            self._rows[k][i] = np.asarray(rec.logs[k], f.dtype)
+        self._write_timing(i, rec)
+
+    def _write_timing(self, i: int, rec: RoundRecord) -> None:
+        ds = self._rows["phase_time"]
+        row = np.full(ds.shape[1:], np.nan, np.float32)
+        pt = np.asarray(rec.phase_time, np.float32)
+        row[:pt.shape[0], :pt.shape[1]] = pt
+        ds[i] = row
+        self._rows["wall_time"][i] = np.float32(rec.wall_time)
 
     @classmethod
-    def reopen(cls, run_dir: Path, n_rounds: int, logs: dict[str, Field] | None = None) -> "Results":
-        """The log of a run being resumed, cut back to its first `n_rounds` rounds."""
-        data = read_results(run_dir)
-        res = cls(run_dir, {}, dict(data["partition"]), [], logs)
-        res.attrs = dict(data["attrs"])
-        cols = data["rounds"]
-        res.phases = list(cols.pop("phases", []))
-        have = len(cols.get("accuracy", ()))
+    def reopen(cls, run_dir: Path, n_rounds: int, logs: dict[str, Field] | None = None,
+               phases: list[str] | None = None, world_size: int | None = None) -> "Results":
+        """The log of a run being resumed: the file rewritten (atomically) with its first `n_rounds`
+        rounds, per-rank timings widened to `world_size` ranks and mapped onto `phases`; then held
+        open for the next rounds."""
+        path = Path(run_dir) / RESULTS
+        data = read_results(run_dir, rounds=False)
+        attrs = dict(data["attrs"])
+        have = int(attrs.get("rounds_done", 0))
         if have < n_rounds:
-            raise PFedMoAPError(f"{res.path}: holds {have} rounds but the checkpoint {n_rounds}; "
+            raise PFedMoAPError(f"{path}: holds {have} rounds but the checkpoint {n_rounds}; "
                                 f"the run directory is inconsistent")
-        for i in range(n_rounds):
-            res.records.append(RoundRecord(**{k: cols[k][i] for k in ROUND_FIELDS if k not in ("wall_time", "dp_epsilon")},
-                                           wall_time=float(cols["wall_time"][i]),
-                                           dp_epsilon=float(cols["dp_epsilon"][i]),
-                                           logs={k: cols[k][i] for k in res.log_fields}))
-        res.attrs["rounds_done"] = n_rounds
-        res.attrs["status"] = "running"
+        res = cls(run_dir, {}, dict(data["partition"]), [], logs)
+        res.phases = list(phases if phases is not None else data["phases"])
+        if n_rounds == have == int(attrs.get("n_rounds", -1)) and attrs.get("status") == "complete":
+            res.attrs = attrs                       # nothing left to run: the file stays as it is
+            res.mean_accuracy = _mean_accuracy(path, n_rounds)
+            return res
+        world = max(int(attrs.get("world_size", 1)), int(world_size or 1))
+        attrs.update(rounds_done=n_rounds, status="running", world_size=world_size or world,
+                     schema_version=RESULTS_SCHEMA, package_version=__version__)
+        res.attrs = attrs
+        res.mean_accuracy = _rewrite_results(path, n_rounds, res.phases, world, attrs, res.log_fields)
+        res._open()
         return res
+
+
+def _write_attrs(f: h5py.File, attrs: dict) -> None:
+    for k, v in attrs.items():
+        if k == "rounds_done":                    # rewritten in place each round: a fixed-size int
+            f.attrs.create(k, np.int64(v))
+        else:
+            f.attrs[k] = v
+
+
+def _rewrite_results(path: Path, n: int, phases: list[str], world: int, attrs: dict,
+                     logs: dict[str, Field] | None = None) -> list[float]:
+    """Rewrite results.h5 (temporary file, fsync, rename) with its first n rounds, the round axis
+    still reserved to n_rounds rows (a running or resumed run) or cut to n (a stopped one:
+    attrs status "stopped"); per-rank timings widened to `world` ranks and mapped by name onto
+    `phases` (NaN where a phase or rank was not timed). Rows are copied a block at a time. Returns
+    the mean accuracy of each round kept."""
+    reserve = n if attrs.get("status") == "stopped" else max(n, int(attrs["n_rounds"]))
+    means: list[float] = []
+    try:
+        src = h5py.File(path, "r", locking=False)
+    except OSError as e:
+        raise PFedMoAPError(f"{path}: unreadable HDF5 ({str(e).splitlines()[0]}); {_EXPECTED}") from None
+    info = {**ROUND_FIELDS, **(logs or {})}
+    with src:
+        rounds = src["rounds"] if "rounds" in src else {}
+        old_phases = _plain(rounds["phase_time"].attrs.get("phases", [])) if "phase_time" in rounds else []
+
+        def fill(f):
+            _write_attrs(f, attrs)
+            src.copy(src["partition"], f, "partition")
+            g = f.create_group("rounds")
+            N = int(attrs["n_clients"])
+            names = list(dict.fromkeys([*ROUND_FIELDS, *(logs or {}), *rounds]))
+            for k in names:
+                old = rounds.get(k)
+                if isinstance(old, h5py.Dataset) and old.ndim == 0:
+                    old = None
+                if k == "phase_time":
+                    shape, dtype = (world, len(phases)), np.float32
+                elif old is not None:
+                    shape, dtype = old.shape[1:], old.dtype
+                elif k in ("wall_time", "dp_epsilon"):
+                    shape, dtype = (), ROUND_FIELDS[k].dtype
+                else:                                  # a field this file's schema did not have
+                    shape, dtype = (N, *info[k].shape), np.dtype(info[k].dtype)
+                field_info = info.get(k) or (Field(dtype, _plain(old.attrs.get("units", "")),
+                                                   _plain(old.attrs.get("description", "")))
+                                             if old is not None else None)
+                ds = _create_rounds_dataset(g, k, reserve, shape, dtype, field_info)
+                row_bytes = max(1, np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64)))
+                step = max(1, (64 << 20) // row_bytes)
+                for a in range(0, n, step):
+                    b = min(n, a + step)
+                    if old is None:                    # evaluated: every client, before schema 3
+                        block = np.full((b - a, *shape), k == "evaluated" if np.dtype(dtype) == bool
+                                        else (np.nan if np.dtype(dtype).kind == "f" else -1), dtype)
+                    elif k == "phase_time":
+                        block = np.full((b - a, *shape), np.nan, np.float32)
+                        got = old[a:b]
+                        for j, p in enumerate(phases):
+                            if p in old_phases:
+                                w = min(world, got.shape[1])
+                                block[:, :w, j] = got[:, :w, old_phases.index(p)]
+                    else:
+                        block = old[a:b]
+                    ds[a:b] = block
+                    if k == "accuracy":
+                        means.extend(_quiet_nanmean(row) for row in block)
+            g["phase_time"].attrs["phases"] = list(phases)
+        _atomic_write(path, fill)
+    return means
+
+
+FINISHED = ("complete", "stopped")
+
+
+def follow(path: str | Path, poll: float = 0.5, sleep=None):
+    """Each round of a run as it is committed to its results.h5, read while the run writes it:
+    yields dicts (round, 0-based; n_rounds, n_clients, accuracy (N,), participants, evaluated,
+    wall_time, status) in round order, each round once, and returns when the run's status is
+    complete or stopped and every round has been yielded. Waits for the file to appear. The file is
+    opened afresh at each poll (no HDF5 locking) and only rows not yielded yet are read; a resumed
+    run's file, cut back to its checkpoint, is followed from the first round not yielded yet."""
+    import time
+    sleep = sleep or time.sleep
+    path = Path(path)
+    file = path / RESULTS if path.is_dir() or path.suffix != ".h5" else path
+    nxt, failures = 0, 0
+    while True:
+        try:
+            rows, attrs = _rows_since(file, nxt) if file.is_file() else ([], None)
+            failures = 0
+        except (OSError, KeyError) as e:      # caught at the moment of a rename: try again
+            failures += 1
+            if failures > 20:
+                raise PFedMoAPError(f"{file}: unreadable HDF5 ({str(e).splitlines()[0]}); {_EXPECTED}") from None
+            rows, attrs = [], None
+        for row in rows:
+            yield row
+            nxt = row["round"] + 1
+        if attrs is not None and attrs["status"] in FINISHED and nxt >= attrs["rounds_done"]:
+            return
+        sleep(poll)
+
+
+def _rows_since(file: Path, start: int) -> tuple[list[dict], dict]:
+    with h5py.File(file, "r", locking=False) as f:
+        attrs = {k: _plain(f.attrs[k]) for k in ("rounds_done", "status", "n_rounds", "n_clients")}
+        done = int(attrs["rounds_done"])
+        if done <= start:
+            return [], attrs
+        r = f["rounds"]
+        acc = r["accuracy"][start:done]
+        part = r["participated"][start:done]
+        ev = r["evaluated"][start:done] if "evaluated" in r else np.ones(acc.shape, bool)
+        wall = r["wall_time"][start:done] if "wall_time" in r else np.full(len(acc), np.nan)
+    return [{"round": start + i, "n_rounds": int(attrs["n_rounds"]), "n_clients": int(attrs["n_clients"]),
+             "accuracy": acc[i], "participants": int(part[i].sum()), "evaluated": int(ev[i].sum()),
+             "wall_time": float(wall[i]), "status": attrs["status"]} for i in range(len(acc))], attrs
+
+
+def _mean_accuracy(path: Path, n: int) -> list[float]:
+    with h5py.File(path, "r", locking=False) as f:
+        acc = f["rounds/accuracy"]
+        step = max(1, (64 << 20) // max(1, acc.dtype.itemsize * int(np.prod(acc.shape[1:]))))
+        return [_quiet_nanmean(row) for a in range(0, n, step) for row in acc[a:min(n, a + step)]]
+
+
+def round_line(round_: int, rounds: int, accuracy: np.ndarray, participants: int, evaluated: int,
+               n_clients: int, seconds: float, digits: int = 1) -> str:
+    """The one line per round of the console and of `pfedmoap report --follow`."""
+    acc = f"{100 * _quiet_nanmean(accuracy):.2f}%" if evaluated else "- (no client evaluated)"
+    ev = "" if evaluated == n_clients else f"  evaluated {evaluated}/{n_clients}"
+    return (f"round {round_ + 1}/{rounds}  mean accuracy {acc}  participants {participants}/{n_clients}{ev}  "
+            f"{seconds:.{digits}f}s")
+
+
+def _quiet_nanmean(values) -> float:
+    """np.nanmean (in the array's own precision, as the console line), NaN for no value at all."""
+    a = np.asarray(values)
+    return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
 
 
 REQUIRED_ATTRS = ("schema_version", "package_version", "config", "algorithm", "dataset",
@@ -210,20 +512,15 @@ def results_file(path: str | Path) -> Path:
     return path
 
 
-def _pad_ranks(rows: list[np.ndarray]) -> list[np.ndarray]:
-    """A resumed run may have another world size: per-rank timings are NaN-padded to the widest."""
-    w = max(x.shape[0] for x in rows)
-    return [np.pad(x, ((0, w - x.shape[0]), (0, 0)), constant_values=np.nan) for x in rows]
-
-
-def read_results(path: str | Path) -> dict:
+def read_results(path: str | Path, rounds: bool = True) -> dict:
     """Everything in a results.h5 as plain Python and numpy:
     `{"attrs": {...}, "partition": {name: ndarray, "classnames": [str]},
-    "rounds": {name: ndarray, "phases": [str]}}`.
+    "rounds": {name: ndarray, "phases": [str]}, "phases": [str]}` (`rounds=False`: no round rows).
 
     Root attributes are checked only for the schema this package writes; a file of another
     schema_version is returned as found so the caller can report it. Opens without HDF5 file locking
-    so that a run still being written can be read (rows may be one round behind `rounds_done`)."""
+    so that a run still being written can be read; the round rows are cut to `rounds_done` (rows past
+    it are reserved for rounds not committed yet)."""
     file = results_file(path)
     if not h5py.is_hdf5(file):
         raise PFedMoAPError(f"{file}: not an HDF5 file; {_EXPECTED}")
@@ -239,20 +536,26 @@ def read_results(path: str | Path) -> dict:
             partition = _read_group(h5, "partition", "classnames")
             if "partition" in h5:
                 partition["domain_names"] = _plain(h5["partition"].attrs.get("domain_names", []))
-            rounds = _read_group(h5, "rounds", None)
-            if "phase_time" in rounds:
-                rounds["phases"] = _plain(h5["rounds/phase_time"].attrs.get("phases", []))
+            done = attrs.get("rounds_done")
+            rows = done if isinstance(done, int) and not isinstance(done, bool) and done >= 0 else None
+            phases = _plain(h5["rounds/phase_time"].attrs.get("phases", [])) \
+                if isinstance(h5.get("rounds/phase_time"), h5py.Dataset) else []
+            data = _read_group(h5, "rounds", None, rows) if rounds else {}
+            if "phase_time" in data:
+                data["phases"] = phases
     except OSError as err:
         raise PFedMoAPError(f"{file}: unreadable HDF5 ({str(err).splitlines()[0]}); "
                             f"{_EXPECTED}") from err
-    return {"attrs": attrs, "partition": partition, "rounds": rounds}
+    return {"attrs": attrs, "partition": partition, "rounds": data, "phases": phases}
 
 
-def _read_group(h5: h5py.File, name: str, list_attr: str | None) -> dict:
+def _read_group(h5: h5py.File, name: str, list_attr: str | None, rows: int | None = None) -> dict:
+    """The group's data sets (those with a round axis cut to `rows` rows when given)."""
     group = h5.get(name)
     if not isinstance(group, h5py.Group):
         return {}
-    out = {key: item[()] for key, item in group.items() if isinstance(item, h5py.Dataset)}
+    out = {key: (item[:rows] if rows is not None and item.ndim >= 1 else item[()])
+           for key, item in group.items() if isinstance(item, h5py.Dataset)}
     if list_attr is not None:
         out[list_attr] = _plain(group.attrs.get(list_attr, []))
     return out
@@ -272,19 +575,58 @@ def _plain(value):
 # ---------------------------------------------------------------------------- checkpoints
 
 def write_checkpoint(run_dir: Path, round_: int, config_toml: str, config_hash: str,
-                     arrays: dict[str, np.ndarray]) -> None:
-    """arrays: path inside the file (e.g. "clients/state", "server/pool") -> array."""
+                     arrays: dict[str, np.ndarray], streamed: dict[str, tuple[tuple[int, ...], object]] | None = None
+                     ) -> None:
+    """arrays: path inside the file (e.g. "server/pool") -> array. streamed: path -> (shape, blocks),
+    an array written as its row blocks arrive: `blocks` yields (row ids, increasing; rows), so the
+    whole array (e.g. "clients/state", gathered from the ranks a block at a time) is never held."""
     def fill(f):
         f.attrs.update({"schema_version": SCHEMA_VERSION, "kind": "pfedmoap-checkpoint",
                         "config": config_toml, "config_hash": config_hash, "round": round_,
                         "package_version": __version__})
         for k, v in arrays.items():
             f.create_dataset(k, data=v)
+        for k, (shape, blocks) in (streamed or {}).items():
+            ds = f.create_dataset(k, shape=shape, dtype=np.float32)
+            for ids, rows in blocks:
+                _write_rows(ds, np.asarray(ids, np.int64), rows)
     _atomic_write(Path(run_dir) / CHECKPOINT, fill)
 
 
-def read_checkpoint(run_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(attributes, {path: array}); a corrupt, truncated, foreign or older file is one clear error."""
+def _write_rows(ds: h5py.Dataset, ids: np.ndarray, rows: np.ndarray) -> None:
+    """rows[i] into ds[ids[i]], one slice per run of consecutive ids."""
+    if not len(ids):
+        return
+    cuts = np.flatnonzero(np.diff(ids) != 1) + 1
+    for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(ids)]):
+        ds[ids[a]:ids[b - 1] + 1] = rows[a:b]
+
+
+class CheckpointRows:
+    """A checkpoint array left in the file (read_checkpoint(lazy=...)): its shape, and rows on demand."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...]):
+        self.path, self.name, self.shape = path, name, tuple(shape)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        out = np.empty((len(ids), *self.shape[1:]), np.float32)
+        if not len(ids):
+            return out
+        cuts = np.flatnonzero(np.diff(ids) != 1) + 1
+        try:
+            with h5py.File(self.path, "r") as f:
+                ds = f[self.name]
+                for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(ids)]):
+                    out[a:b] = ds[ids[a]:ids[b - 1] + 1]
+        except (OSError, KeyError, ValueError) as e:
+            raise PFedMoAPError(f"{self.path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+        return out
+
+
+def read_checkpoint(run_dir: Path, lazy: tuple[str, ...] = ()) -> tuple[dict, dict[str, np.ndarray]]:
+    """(attributes, {path: array}); a corrupt, truncated, foreign or older file is one clear error.
+    The arrays named in `lazy` stay in the file: CheckpointRows (shape, rows on demand)."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise PFedMoAPError(f"{run_dir}: no {CHECKPOINT} to resume from")
@@ -298,8 +640,9 @@ def read_checkpoint(run_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
                                     f"this pfedmoap reads version {SCHEMA_VERSION}; finish that run with the "
                                     f"pfedmoap version that wrote it ({attrs.get('package_version', '?')})")
             arrays = {}
-            f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
-                         if isinstance(obj, h5py.Dataset) else None)
+            f.visititems(lambda name, obj: arrays.__setitem__(
+                name, CheckpointRows(path, name, obj.shape) if name in lazy else obj[()])
+                if isinstance(obj, h5py.Dataset) else None)
     except (OSError, KeyError, ValueError) as e:
         raise PFedMoAPError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
     return attrs, arrays
@@ -385,7 +728,7 @@ def _policy(run_dir: Path, if_exists: str, config_hash: str, expected: dict) -> 
             for name in (RESULTS, CHECKPOINT):
                 (run_dir / name).unlink(missing_ok=True)
         elif (run_dir / CHECKPOINT).exists():
-            attrs, arrays = read_checkpoint(run_dir)
+            attrs, arrays = read_checkpoint(run_dir, lazy=("clients/state",))
             file = run_dir / CHECKPOINT
             if attrs["config_hash"] != config_hash:
                 raise PFedMoAPError(f"{file}: written by a different configuration (config hash "
