@@ -105,6 +105,8 @@ def test_configs_ship_as_package_data():
     pkg = root / "src" / "pfedmoap"
     shipped = {p for g in globs for p in pkg.glob(g)}
     assert {configs.ROOT / f"{n}.toml" for n in NAMES} <= shipped
+    # the tables and the method overlays too (pfedmoap run paper/food101 --with paper/methods/coop)
+    assert set((configs.ROOT / "paper").rglob("*.toml")) <= shipped
     assert (configs.ROOT / "__init__.py").is_file()          # a package: found by packages.find
     assert not (root / "configs").exists() or not any((root / "configs").glob("*.toml"))
     assert os.path.commonpath([configs.ROOT, pkg]) == str(pkg)
