@@ -150,13 +150,11 @@ class Federation:
             status = "complete" if last else ("stopped" if stop else None)
             t = time.perf_counter()
             if self.root:
-                self.results.write(status)
+                self.results.write(status)      # the commit: a committed row never changes
             if last or stop or (every and (r + 1) % every == 0):
                 self._checkpoint(run_dir, r + 1)
-            if self.root:      # rank 0's writing time belongs to the round just written
+            if self.root:      # counted in the next round's write phase (after the last: final_write_time)
                 self.results.add_time(time.perf_counter() - t)
-                if status:     # the final file carries the final timings too
-                    self.results.write(status)
             if stop:
                 outcome.status = "stopped"
                 break

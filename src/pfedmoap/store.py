@@ -155,7 +155,9 @@ class Results:
     with every round up to `rounds_done` complete (rows past it are not rounds yet). A stopped run's
     file is cut to its rounds (rewritten atomically) when it closes; a resumed run's file is rewritten
     from the rounds its checkpoint covers (`reopen`). Memory and time per round do not grow with the
-    rounds already written.
+    rounds already written. A committed row never changes: the time rank 0 spends after a round's
+    commit (the commit itself, a checkpoint) is counted in the next round's `write` phase and wall
+    time; after the last round, in the root attribute `final_write_time`.
 
     `logs` declares the method's own per-client logs: name -> Field (dtype, units, description, shape)."""
 
@@ -164,15 +166,15 @@ class Results:
         self.path = Path(run_dir) / RESULTS
         self.attrs = {"schema_version": RESULTS_SCHEMA, "package_version": __version__,
                       "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "rounds_done": 0, "status": "running", **attrs}
+                      "rounds_done": 0, "status": "running", "final_write_time": float("nan"), **attrs}
         self.partition = partition
         self.phases = list(phases)
         self.log_fields = dict(logs or {})
         self.mean_accuracy: list[float] = []        # per round written, over the evaluated clients
-        self.last: RoundRecord | None = None        # the latest round (its timings are still added to)
+        self.last: RoundRecord | None = None        # the latest round
         self._pending: list[RoundRecord] = []       # appended, not yet in the file
         self._written = 0                           # rows in the file
-        self._timing_dirty: tuple[int, RoundRecord] | None = None   # a written row whose timings grew
+        self._carry = 0.0                           # seconds spent after the last commit
         self._file: h5py.File | None = None
 
     # -------------------------------------------------------------- the rounds
@@ -186,19 +188,25 @@ class Results:
             raise ValueError(f"round logs {sorted(record.logs)} != declared {sorted(self.log_fields)}")
         if record.evaluated is None:
             record.evaluated = np.ones(len(record.accuracy), bool)
+        if self._carry:            # the previous round's commit and checkpoint
+            record.phase_time[0, self.phases.index("write")] += self._carry
+            record.wall_time += self._carry
+            self._carry = 0.0
         self._pending.append(record)
         self.last = record
         self.mean_accuracy.append(_quiet_nanmean(record.accuracy))
         self.attrs["rounds_done"] = self._written + len(self._pending)
 
     def add_time(self, seconds: float, phase: str = "write") -> None:
-        """Time rank 0 spent on the last round after it was recorded (writing it); in the file at the
-        next `write`."""
-        rec = self.last
-        rec.phase_time[0, self.phases.index(phase)] += seconds
-        rec.wall_time += seconds
-        if not self._pending and self._written:
-            self._timing_dirty = (self._written - 1, rec)
+        """Time rank 0 spent writing: added to the round not committed yet (the one appended last),
+        or, after a commit, carried into the next round appended (its `write` phase and wall time);
+        after the last round, `final_write_time` when the file closes."""
+        if self._pending:
+            rec = self._pending[-1]
+            rec.phase_time[0, self.phases.index(phase)] += seconds
+            rec.wall_time += seconds
+        else:
+            self._carry += seconds
 
     def write(self, status: str | None = None) -> None:
         """Every appended round into its reserved row, flushed and synced, then `rounds_done` (and
@@ -209,13 +217,10 @@ class Results:
             self.create()
         f = self._file
         try:
-            if self._timing_dirty is not None:
-                self._write_timing(*self._timing_dirty)
             for rec in self._pending:
                 self._write_row(self._written, rec)
                 self._written += 1
             self._pending.clear()
-            self._timing_dirty = None
             f.flush()
             os.fsync(f.id.get_vfd_handle())     # the rows are on disk before rounds_done says so
             if self._committed != self._written:
@@ -244,6 +249,10 @@ class Results:
         if self._file is None:
             return
         try:
+            if self._carry and self.attrs["status"] in FINISHED and not self._pending:
+                self.attrs["final_write_time"] = self._carry
+                self._file.attrs.modify("final_write_time", np.float64(self._carry))
+                self._carry = 0.0
             self._file.close()
         except (OSError, RuntimeError) as e:
             self._file = None
@@ -306,20 +315,15 @@ class Results:
 
     def _write_row(self, i: int, rec: RoundRecord) -> None:
         for k, f in ROUND_FIELDS.items():
-            if k == "phase_time":
-                continue
-            self._rows[k][i] = np.asarray(getattr(rec, k), f.dtype)
+            if k == "phase_time":                 # padded with NaN to the ranks the file has room for
+                row = np.full(self._rows[k].shape[1:], np.nan, np.float32)
+                pt = np.asarray(rec.phase_time, np.float32)
+                row[:pt.shape[0], :pt.shape[1]] = pt
+                self._rows[k][i] = row
+            else:
+                self._rows[k][i] = np.asarray(getattr(rec, k), f.dtype)
         for k, f in self.log_fields.items():
             self._rows[k][i] = np.asarray(rec.logs[k], f.dtype)
-        self._write_timing(i, rec)
-
-    def _write_timing(self, i: int, rec: RoundRecord) -> None:
-        ds = self._rows["phase_time"]
-        row = np.full(ds.shape[1:], np.nan, np.float32)
-        pt = np.asarray(rec.phase_time, np.float32)
-        row[:pt.shape[0], :pt.shape[1]] = pt
-        ds[i] = row
-        self._rows["wall_time"][i] = np.float32(rec.wall_time)
 
     @classmethod
     def reopen(cls, run_dir: Path, n_rounds: int, logs: dict[str, Field] | None = None,
@@ -342,7 +346,7 @@ class Results:
             return res
         world = max(int(attrs.get("world_size", 1)), int(world_size or 1))
         attrs.update(rounds_done=n_rounds, status="running", world_size=world_size or world,
-                     schema_version=RESULTS_SCHEMA, package_version=__version__)
+                     schema_version=RESULTS_SCHEMA, package_version=__version__, final_write_time=float("nan"))
         res.attrs = attrs
         res.mean_accuracy = _rewrite_results(path, n_rounds, res.phases, world, attrs, res.log_fields)
         res._open()
@@ -353,6 +357,8 @@ def _write_attrs(f: h5py.File, attrs: dict) -> None:
     for k, v in attrs.items():
         if k == "rounds_done":                    # rewritten in place each round: a fixed-size int
             f.attrs.create(k, np.int64(v))
+        elif k == "final_write_time":
+            f.attrs.create(k, np.float64(v))
         else:
             f.attrs[k] = v
 
