@@ -69,10 +69,7 @@ class Client(PromptFLClient):
             for g in opt.param_groups:
                 g["lr"] = lr
             perm = torch.randperm(n, generator=gen)
-            x_all = data.train_x
-            if data.train_views is not None:
-                view = torch.randint(len(data.train_views), (n,), generator=gen)
-                x_all = data.train_views[view, torch.arange(n)]
+            x_all = data.train_features(round_, epoch, gen)    # clean, a cached view, or a fresh view
             for start in range(0, n - bs + 1, bs):
                 idx = perm[start:start + bs]
                 logits = self.logit_scale * x_all[idx] @ self.encoder(ctx).t()
