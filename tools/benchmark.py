@@ -4,7 +4,7 @@
     python tools/benchmark.py step   [--classes 10,100] [--repeats 3]
     python tools/benchmark.py memory [--clients 1000] [--model ViT-B-32]
     python tools/benchmark.py round  [--set key=value ...] [--no-variants]
-    python tools/benchmark.py scale  [--set key=value ...] [--router-only]
+    python tools/benchmark.py scale  [--set key=value ...] [--router-only] [--clients 100,1000,10000] [--ranks 1,3]
 
 step    one training step (batch 32, 16 context tokens, one torch thread) on a ViT-B-32-size
         random-init model: the reference-style step (image tower on the batch + full 77-token text
@@ -15,8 +15,10 @@ memory  per-client state beyond the shared backbone (ClientPart.state_vector) an
 round   a configured scenario through the real round loop (federation.Federation with LocalComm):
         seconds per round by phase, peak memory, bytes per round against the payload minimum, and
         the speed-up of each fast path on the same run. Every variant runs in its own process.
-scale   1,000 clients x 5 rounds on tiny-clip + synthetic data, and the server's router.route cost
-        (knn, random) with 1,000 clients.
+scale   N = 100, 1,000, 10,000 clients x 20 rounds on tiny-clip + synthetic data, in one process and
+        under mpiexec -n 3: seconds per round by phase, the results.h5 commit per round, checkpoint
+        time and size, framework overhead, memory per rank; and the server's router.route cost for
+        the round's participants.
 
 `--set key=value` overrides the scenario's config exactly as `pfedmoap run --set` does.
 """
@@ -36,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -456,48 +459,229 @@ def cmd_round1(args) -> None:
 
 # ---------------------------------------------------------------------------- scale
 
-SCALE_DEFAULTS = ["model.name=tiny-clip", "model.pretrained=", "data.dataset=synthetic", "data.n_clients=1000",
-                  "data.n_train=20000", "data.n_test=10000", "data.partition=iid", "train.local_epochs=1",
-                  "train.frac=0.1", "rounds=5", "run.threads=1", "algorithm=pfedmoap"]
+SCALE_SETS = ["model.name=tiny-clip", "model.pretrained=", "data.dataset=synthetic", "data.partition=iid",
+              "train.local_epochs=1", "rounds=20", "run.threads=1", "algorithm=pfedmoap",
+              # evaluate the round's participants each round, every client at the last round
+              "run.eval_clients=participants", "run.eval_every=1", "run.checkpoint_every=10",
+              # a small gating network: 9,472 floats per client (the default's 133,120 = 532 KB per
+              # client would make 10,000 clients 5.3 GB of state); the loop's costs do not depend on it
+              "moe.gating_dim=32", "moe.gating_heads=4", "run.progress=false"]
+SCALE_FRAC = {100: 0.1, 1000: 0.1, 10000: 0.01}        # 10, 100, 100 participants per round
+TRAIN_PER_CLIENT, TEST_PER_CLIENT = 10, 5
 
 
-def time_router(N: int, P: int, E: int) -> None:
+def scale_sets(n: int, frac: float | None = None) -> list[str]:
+    return SCALE_SETS + [f"data.n_clients={n}", f"data.n_train={TRAIN_PER_CLIENT * n}",
+                         f"data.n_test={TEST_PER_CLIENT * n}", f"train.frac={frac or SCALE_FRAC.get(n, 0.1)}"]
+
+
+def _tensor_bytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def cmd_scale1(args) -> None:
+    """One scale run on this rank (plain python or under mpiexec): each rank writes rank<r>.json."""
+    from pfedmoap import comm as comm_mod, config, federation, store
+    world = comm_mod.world()
+    cfg = config.load(None, args.sets, base=config.QUICKSTART)
+    t0 = time.perf_counter()
+    fed = federation.Federation(cfg, world, log=lambda *a, **k: None)
+    setup = time.perf_counter() - t0
+    after_setup = proc_status()
+    commits: list[float] = []
+    if fed.root:      # time every commit of results.h5 (Results.write) as the run makes it
+        from pfedmoap.store import Results
+        write = Results.write
+
+        def timed_write(self, status=None):
+            t = time.perf_counter()
+            write(self, status)
+            commits.append(time.perf_counter() - t)
+        Results.write = timed_write
+    t1 = time.perf_counter()
+    fed.run(args.out, "overwrite")
+    run_s = time.perf_counter() - t1
+    state = sum(_tensor_bytes(*fed.client.state_tensors(fed.states[int(c)])) for c in fed.mine)
+    feats = sum(_tensor_bytes(d.train_x, d.train_y, d.test_x, d.test_y, d.train_views) for d in fed.build.data.values())
+    server = sum(np.asarray(v).nbytes for v in fed.server.state_dict().values()) if fed.root else 0
+    out = {"rank": world.rank, "size": world.size, "clients": int(len(fed.mine)), "setup_s": setup, "run_s": run_s,
+           "state_bytes": state, "feature_bytes": feats, "server_bytes": server,
+           "state_per_client": state / max(1, len(fed.mine)),
+           "rss_after_setup": after_setup["VmRSS"], "hwm": proc_status()["VmHWM"]}
+    if fed.root:
+        res = store.read_results(args.out)
+        out.update(commits=commits, checkpoints=fed.checkpoints, phases=list(res["rounds"]["phases"]),
+                   phase_time=np.nan_to_num(res["rounds"]["phase_time"], nan=0.0).tolist(),
+                   wall_time=res["rounds"]["wall_time"].tolist(),
+                   final_write_time=float(res["attrs"]["final_write_time"]),
+                   evaluated=res["rounds"]["evaluated"].sum(1).tolist(),
+                   participants=res["rounds"]["participated"].sum(1).tolist(),
+                   results_bytes=(Path(args.out) / store.RESULTS).stat().st_size,
+                   n_clients=int(res["attrs"]["n_clients"]))
+    Path(args.json).with_name(f"{Path(args.json).stem}.rank{world.rank}.json").write_text(json.dumps(out))
+
+
+def _scale_run(n: int, ranks: int, tmp: Path, extra: list[str]) -> list[dict]:
+    run_dir = tmp / f"n{n}-r{ranks}"
+    sets = scale_sets(n) + [f"data.cache_dir={tmp / 'cache'}"] + extra
+    cmd = [sys.executable, __file__, "_scale1", "--out", str(run_dir), "--json", str(tmp / f"n{n}-r{ranks}.json")]
+    cmd += sum((["--set", s] for s in sets), [])
+    if ranks > 1:
+        cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)] + cmd
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"scale run N = {n}, {ranks} rank(s) failed:\n{p.stderr[-3000:]}")
+    return [json.loads((tmp / f"n{n}-r{ranks}.rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def scale_figures(ranks: list[dict]) -> dict:
+    """Seconds per round by phase (max over ranks), the commit (Results.write) per round, the
+    framework overhead (wall - train - eval of clients on the slowest rank) and memory per rank."""
+    root = ranks[0]
+    pt = np.array(root["phase_time"])                 # (R, W, P), NaN (not timed) as 0
+    ph = root["phases"]
+    wall = np.array(root["wall_time"])
+    col = {p: pt[:, :, i] for i, p in enumerate(ph)}
+    per_phase = {p: col[p].max(axis=1) for p in ph}    # (R,)
+    compute = (col["train"] + col["eval"]).max(axis=1)
+    prepare = col["prepare"].max(axis=1)
+    commits = np.array(root["commits"][:len(wall)])
+    body = slice(0, len(wall) - 1)                     # rounds 1..R-1 (the last evaluates every client)
+    return {
+        "phases": {p: (float(v[body].mean()), float(v[-1])) for p, v in per_phase.items()},
+        "wall": (float(wall[body].mean()), float(wall[-1])),
+        "overhead": (float((wall - compute)[body].mean()), float((wall - compute)[-1])),
+        "overhead_share": (float(((wall - compute) / wall)[body].mean()), float(((wall - compute) / wall)[-1])),
+        "overhead_no_prepare": (float((wall - compute - prepare)[body].mean()),
+                                float(((wall - compute - prepare) / wall)[body].mean())),
+        "commit_first_last": (float(commits[0]), float(commits[-2]) if len(commits) > 1 else float("nan"),
+                              float(commits[-1])),
+        "commit_median": float(np.median(commits)),
+        "write_phase": per_phase["write"].tolist(),
+        "checkpoints": root["checkpoints"], "final_write_time": root["final_write_time"],
+        "results_bytes": root["results_bytes"], "evaluated": root["evaluated"], "participants": root["participants"],
+        "memory": [{k: r[k] for k in ("rank", "clients", "state_bytes", "state_per_client", "feature_bytes",
+                                      "server_bytes", "rss_after_setup", "hwm", "setup_s")} for r in ranks],
+    }
+
+
+def log_bench(n_clients: int = 10000, rounds: int = 200, experts: int = 9) -> None:
+    """results.h5 commit per round (store.Results: rows appended in place) at rounds 1 .. `rounds`,
+    against rewriting the whole file each round (what results.h5 did before issue 16, emulated:
+    every round so far written to a new file, fsync, rename)."""
+    from pfedmoap import store
+    tmp = Path(tempfile.mkdtemp(prefix="pfedmoap-log-"))
+    N, phases = n_clients, ["comm", "prepare", "train", "eval", "write", "server"]
+    logs = {"experts": store.Field(np.int32, "", "", (experts,)), "gate_weight": store.Field(np.float32, "", "", (experts + 1,))}
+    attrs = dict(config="", algorithm="pfedmoap", dataset="synthetic", partition="iid", seed=1, world_size=1,
+                 n_clients=N, n_classes=10, n_rounds=rounds, config_hash="")
+    res = store.Results(tmp, attrs, {"n_train": np.ones(N, np.int32), "domain_names": ["all"]}, phases, logs)
+    res.create()
+    g = np.random.default_rng(0)
+
+    def record():
+        a = g.random(N, np.float32)
+        return store.RoundRecord(accuracy=a, macro_f1=a, loss=a, participated=a < 0.01, domain_accuracy=a[:, None],
+                                 bytes_up=np.zeros(N, np.int64), bytes_down=np.zeros(N, np.int64),
+                                 phase_time=np.zeros((1, 6), np.float32), wall_time=1.0,
+                                 logs={"experts": np.zeros((N, experts), np.int32),
+                                       "gate_weight": np.zeros((N, experts + 1), np.float32)})
+    t_new, rows = [], []
+    for r in range(rounds):
+        rec = record()
+        t = time.perf_counter()
+        res.append(rec)
+        res.write("complete" if r == rounds - 1 else None)
+        t_new.append(time.perf_counter() - t)
+        rows.append(rec)
+    res.close()
+    t_old = {}
+    for r in (1, 20, rounds):     # the old way: the whole history rewritten atomically
+        t = time.perf_counter()
+        path = tmp / "whole.h5.tmp"
+        with h5py.File(path, "w") as f:
+            for k in ("accuracy", "macro_f1", "loss", "participated", "bytes_up", "bytes_down"):
+                f.create_dataset(f"rounds/{k}", data=np.stack([np.asarray(getattr(x, k)) for x in rows[:r]]))
+            f.create_dataset("rounds/domain_accuracy", data=np.stack([x.domain_accuracy for x in rows[:r]]))
+            for k in logs:
+                f.create_dataset(f"rounds/{k}", data=np.stack([x.logs[k] for x in rows[:r]]))
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(path, tmp / "whole.h5")
+        t_old[r] = time.perf_counter() - t
+    size = (tmp / store.RESULTS).stat().st_size
+    print(f"results.h5 at {N:,} clients ({size / rounds / 2**20:.2f} MiB per round): commit in place, round 1 "
+          f"{1e3 * t_new[0]:.1f} ms, round 20 {1e3 * t_new[19]:.1f} ms, round {rounds} {1e3 * t_new[-1]:.1f} ms; median "
+          f"of rounds 1-10 {1e3 * np.median(t_new[:10]):.1f} ms, of rounds {rounds - 9}-{rounds} "
+          f"{1e3 * np.median(t_new[-10:]):.1f} ms | whole-file rewrite (before): round 1 {1e3 * t_old[1]:.1f} ms, "
+          f"round 20 {1e3 * t_old[20]:.1f} ms, round {rounds} {1e3 * t_old[rounds]:.1f} ms")
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def time_router(N: int, P: int, E: int, queries: int | None = None) -> None:
+    """router.route for `queries` clients (all N when None) against a pool of N prompts."""
     from pfedmoap import router
     rng = np.random.default_rng(0)
     pool = rng.normal(size=(N, P)).astype(np.float32)
     in_pool = np.ones(N, bool)
-    clients = np.arange(N)
+    clients = np.arange(N) if queries is None else np.sort(rng.choice(N, queries, replace=False))
     for method in ("knn", "random", "fixed"):
-        t, _ = timeit(lambda: router.route(method, pool, in_pool, pool, clients, E, 1, 3), 5)
-        print(f"  router.route({method!r:8}) N = {N:5d}, P = {P:5d}, {E} experts: {t * 1e3:8.1f} ms")
-    if N <= 1000:   # the knn distance matrix alone, to separate it from the per-client selection loop
-        q = pool.astype(np.float64)
-
-        def dist():
-            d = (q * q).sum(1)[:, None] + (q * q).sum(1)[None, :] - 2 * q @ q.T
-            return np.argsort(d, axis=1, kind="stable")
-        t, _ = timeit(dist, 5)
-        print(f"    of which the batched distance matrix + argsort: {t * 1e3:8.1f} ms")
+        t, _ = timeit(lambda: router.route(method, pool, in_pool, pool[clients], clients, E, 1, 3), 3)
+        print(f"  router.route({method!r:8}) pool N = {N:6d}, P = {P:5d}, {len(clients):6d} clients routed, "
+              f"{E} experts: {t * 1e3:8.1f} ms")
 
 
 def cmd_scale(args) -> None:
     header("scale")
     torch.set_num_threads(1)
-    print("server per-round work: router.route with 1,000 clients (one batched distance matrix for knn)")
-    for N, P in ((1000, 16 * 64), (1000, 16 * 512), (2000, 16 * 512)):
-        time_router(N, P, 9)
+    print("server per-round work: router.route for the round's participants only (pFedMoAP routes the round's "
+          "participants at fit, and at evaluation only the evaluated clients that trained with experts)")
+    for N, P, q in ((1000, 16 * 64, None), (10000, 16 * 64, 100), (10000, 16 * 512, 100), (10000, 16 * 64, 1000)):
+        time_router(N, P, 9, q)
     if args.router_only:
         return
-    sets = SCALE_DEFAULTS + args.sets
+    print()
+    log_bench()
     tmp = Path(tempfile.mkdtemp(prefix="pfedmoap-scale-"))
-    sets = [f"data.cache_dir={tmp / 'cache'}"] + sets
-    print(f"\nscenario: {' '.join(sets)}")
-    r = _subprocess_round(sets, str(tmp / "run"))
-    print(f"total {r['total_s']:.1f} s (set-up incl. features {r['setup_s']:.1f} s) for {r['n_clients']} clients "
-          f"x {r['rounds']} rounds; per round {r['wall_s_per_round']:.2f} s "
-          f"({', '.join(f'{x:.2f}' for x in r['wall_s_rounds'])})")
-    print_run("phases", r)
-    print_bytes(r)
+    print(f"\nscenario: {' '.join(SCALE_SETS)}; per N: {TRAIN_PER_CLIENT} train + {TEST_PER_CLIENT} test images "
+          f"per client, train.frac {SCALE_FRAC}; run dirs under {tmp}")
+    rows = {}
+    for n in args.clients:
+        for r in args.ranks:
+            rows[(n, r)] = figs = scale_figures(_scale_run(n, r, tmp, args.sets))
+            ph = figs["phases"]
+            print(f"\nN = {n:,}, {r} rank(s) ({'one process' if r == 1 else f'mpiexec -n {r}: server + {r - 1} client ranks'}): "
+                  f"{figs['participants'][0]} participants per round; evaluated per round "
+                  f"{figs['evaluated'][0]} (round 1) ... {figs['evaluated'][-1]} (round {len(figs['evaluated'])})")
+            print(f"  s/round, rounds 1-{len(figs['write_phase']) - 1} mean | last round: wall {figs['wall'][0]:.3f} | "
+                  f"{figs['wall'][1]:.3f} = " + ", ".join(f"{p} {a:.3f} | {b:.3f}" for p, (a, b) in ph.items()))
+            print(f"  framework overhead (wall - train - eval, slowest rank): {figs['overhead'][0]:.3f} s "
+                  f"= {100 * figs['overhead_share'][0]:.1f}% of a round (last round {100 * figs['overhead_share'][1]:.1f}%); "
+                  f"without the experts' text encoding (prepare) {figs['overhead_no_prepare'][0]:.3f} s "
+                  f"= {100 * figs['overhead_no_prepare'][1]:.1f}%")
+            c1, c19, c20 = figs["commit_first_last"]
+            print(f"  results.h5 commit (Results.write): round 1 {1e3 * c1:.1f} ms, round {len(figs['write_phase']) - 1} "
+                  f"{1e3 * c19:.1f} ms, round {len(figs['write_phase'])} (+ status) {1e3 * c20:.1f} ms, median "
+                  f"{1e3 * figs['commit_median']:.1f} ms; write phase per round "
+                  + " ".join(f"{w:.3f}" for w in figs["write_phase"]) + f"; results.h5 {figs['results_bytes'] / 2**20:.1f} MiB")
+            for rd, secs, size in figs["checkpoints"]:
+                print(f"  checkpoint after round {rd}: {secs:.2f} s, {size / 2**20:.1f} MiB")
+            for m in figs["memory"]:
+                print(f"  rank {m['rank']}: {m['clients']:6d} clients, state {mib(m['state_bytes'])} "
+                      f"({m['state_per_client'] / 1024:.1f} KiB each), features {mib(m['feature_bytes'])}, "
+                      f"server (pool, ...) {mib(m['server_bytes'])}; RSS after set-up {mib(m['rss_after_setup'])}, "
+                      f"peak {mib(m['hwm'])}; set-up {m['setup_s']:.1f} s")
+    print("\nsummary: s/round by phase (max over ranks), mean of rounds 1-19 / round 20 (every client evaluated)")
+    print(f"{'N':>7} {'ranks':>5} {'wall':>13} " + " ".join(f"{p:>13}" for p in next(iter(rows.values()))["phases"])
+          + f" {'overhead':>14}")
+    for (n, r), f in rows.items():
+        print(f"{n:>7,} {r:>5} {f['wall'][0]:6.3f}/{f['wall'][1]:6.2f} "
+              + " ".join(f"{a:6.3f}/{b:6.3f}" for a, b in f["phases"].values())
+              + f" {100 * f['overhead_share'][0]:5.1f}%/{100 * f['overhead_share'][1]:5.1f}%")
+    (tmp / "summary.json").write_text(json.dumps({f"{n}/{r}": f for (n, r), f in rows.items()}))
+    print(f"(figures as JSON: {tmp / 'summary.json'})")
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -505,7 +689,7 @@ def cmd_scale(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("step", "memory", "round", "scale", "_round1"):
+    for name in ("step", "memory", "round", "scale", "_round1", "_scale1"):
         s = sub.add_parser(name)
         s.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
         if name == "step":
@@ -524,11 +708,16 @@ def main(argv=None) -> None:
             s.add_argument("--no-variants", action="store_true", help="only the run with every fast path")
         if name == "scale":
             s.add_argument("--router-only", action="store_true")
-        if name == "_round1":
+            s.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")], default=[100, 1000, 10000])
+            s.add_argument("--ranks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 3],
+                           help="1: one process; R > 1: mpiexec -n R (rank 0 the server)")
+        if name in ("_round1", "_scale1"):
             s.add_argument("--out", required=True)
+        if name == "_scale1":
+            s.add_argument("--json", required=True)
     args = p.parse_args(argv)
     {"step": cmd_step, "memory": cmd_memory, "round": cmd_round, "scale": cmd_scale,
-     "_round1": cmd_round1}[args.command](args)
+     "_round1": cmd_round1, "_scale1": cmd_scale1}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ class Federation:
         self.run_hash = run_hash(cfg)
         self._owned: list[np.ndarray] | None = None          # rank 0: each rank's client ids
         self.checkpoints: list[tuple[int, float, int]] = []  # rank 0: (round, seconds, bytes) per checkpoint
+        self._line = ""                                     # rank 0: the console line of the round not yet committed
         # a method's server may skip work for clients not evaluated (configure_evaluate(r, evaluated=mask))
         self._eval_mask_kw = self.root and "evaluated" in inspect.signature(self.server.configure_evaluate).parameters
 
@@ -151,6 +152,7 @@ class Federation:
             t = time.perf_counter()
             if self.root:
                 self.results.write(status)      # the commit: a committed row never changes
+                self.log(self._line)            # a round on the console is a round in results.h5
             if last or stop or (every and (r + 1) % every == 0):
                 self._checkpoint(run_dir, r + 1)
             if self.root:      # counted in the next round's write phase (after the last: final_write_time)
@@ -279,8 +281,8 @@ class Federation:
             phase_time=phases.reshape(self.comm.size, len(PHASES)), wall_time=time.perf_counter() - t_round,
             dp_epsilon=np.nan if self.build.dp_epsilon is None else self.build.dp_epsilon[r], logs=logs,
             evaluated=evaluated))
-        self.log(store.round_line(r, self.rounds, metrics[:, 0], len(participants), int(evaluated.sum()), N,
-                                  time.perf_counter() - t_round, digits=1))
+        self._line = store.round_line(r, self.rounds, metrics[:, 0], len(participants), int(evaluated.sum()), N,
+                                      time.perf_counter() - t_round, digits=1)      # printed once committed
         self.results.add_time(time.perf_counter() - t)
 
     def _configure_evaluate(self, r: int, evaluated: np.ndarray) -> dict:
@@ -329,10 +331,12 @@ class Federation:
         per, steps = self._blocks()
 
         def blocks():
+            buf = np.empty((min(per, len(self.mine)), S), np.float32)     # one block, reused
             for b in range(steps):
                 ids = self.mine[b * per:(b + 1) * per]
-                local = np.stack([self.client.state_vector(self.states[int(c)]) for c in ids]) \
-                    if len(ids) else np.zeros((0, S), np.float32)
+                local = buf[:len(ids)]
+                for i, c in enumerate(ids):
+                    local[i] = self.client.state_vector(self.states[int(c)])
                 counts = [max(0, min(per, int(n) - b * per)) * S for n in self.transport.hosted]
                 got = self.comm.gatherv(local, counts)
                 if self.root:
