@@ -536,28 +536,33 @@ def _scale_run(n: int, ranks: int, tmp: Path, extra: list[str]) -> list[dict]:
 
 
 def scale_figures(ranks: list[dict]) -> dict:
-    """Seconds per round by phase (max over ranks), the commit (Results.write) per round, the
-    framework overhead (wall - train - eval of clients on the slowest rank) and memory per rank."""
+    """Seconds per round by phase (max over ranks; comm: over the client ranks, rank 0's comm is mostly
+    waiting for them), the results.h5 commit (Results.write) per round, memory per rank and the
+    framework overhead: the round's wall time less the clients' own work on the slowest rank
+    (prepare + train + eval: the method's model computations), i.e. communication, server, writing
+    and waiting."""
     root = ranks[0]
     pt = np.array(root["phase_time"])                 # (R, W, P), NaN (not timed) as 0
     ph = root["phases"]
     wall = np.array(root["wall_time"])
+    R, W = pt.shape[:2]
     col = {p: pt[:, :, i] for i, p in enumerate(ph)}
     per_phase = {p: col[p].max(axis=1) for p in ph}    # (R,)
-    compute = (col["train"] + col["eval"]).max(axis=1)
-    prepare = col["prepare"].max(axis=1)
-    commits = np.array(root["commits"][:len(wall)])
-    body = slice(0, len(wall) - 1)                     # rounds 1..R-1 (the last evaluates every client)
+    if W > 1:
+        per_phase["comm"] = col["comm"][:, 1:].max(axis=1)
+    work = (col["prepare"] + col["train"] + col["eval"]).max(axis=1)
+    overhead = wall - work
+    body = np.arange(R - 1)                            # rounds 1..R-1 (the last evaluates every client)
+    ckpt = {rd for rd, _, _ in root["checkpoints"]}    # a checkpoint's time is in the next round's write
+    plain = np.array([i for i in body if i not in ckpt])
+    commits = np.array(root["commits"][:R])
     return {
         "phases": {p: (float(v[body].mean()), float(v[-1])) for p, v in per_phase.items()},
         "wall": (float(wall[body].mean()), float(wall[-1])),
-        "overhead": (float((wall - compute)[body].mean()), float((wall - compute)[-1])),
-        "overhead_share": (float(((wall - compute) / wall)[body].mean()), float(((wall - compute) / wall)[-1])),
-        "overhead_no_prepare": (float((wall - compute - prepare)[body].mean()),
-                                float(((wall - compute - prepare) / wall)[body].mean())),
-        "commit_first_last": (float(commits[0]), float(commits[-2]) if len(commits) > 1 else float("nan"),
-                              float(commits[-1])),
-        "commit_median": float(np.median(commits)),
+        "overhead": (float(overhead[body].mean()), float((overhead / wall)[body].mean()), float(overhead[-1] / wall[-1])),
+        "overhead_plain": (float(overhead[plain].mean()), float((overhead / wall)[plain].mean())),
+        "overhead_with_prepare": float(((overhead + col["prepare"].max(axis=1)) / wall)[body].mean()),
+        "commit": (float(commits[0]), float(commits[min(19, R - 1)]), float(commits[-1]), float(np.median(commits))),
         "write_phase": per_phase["write"].tolist(),
         "checkpoints": root["checkpoints"], "final_write_time": root["final_write_time"],
         "results_bytes": root["results_bytes"], "evaluated": root["evaluated"], "participants": root["participants"],
@@ -652,19 +657,20 @@ def cmd_scale(args) -> None:
         for r in args.ranks:
             rows[(n, r)] = figs = scale_figures(_scale_run(n, r, tmp, args.sets))
             ph = figs["phases"]
+            R = len(figs["write_phase"])
             print(f"\nN = {n:,}, {r} rank(s) ({'one process' if r == 1 else f'mpiexec -n {r}: server + {r - 1} client ranks'}): "
                   f"{figs['participants'][0]} participants per round; evaluated per round "
-                  f"{figs['evaluated'][0]} (round 1) ... {figs['evaluated'][-1]} (round {len(figs['evaluated'])})")
-            print(f"  s/round, rounds 1-{len(figs['write_phase']) - 1} mean | last round: wall {figs['wall'][0]:.3f} | "
+                  f"{figs['evaluated'][0]} (round 1) ... {figs['evaluated'][-1]} (round {R})")
+            print(f"  s/round, rounds 1-{R - 1} mean | round {R}: wall {figs['wall'][0]:.3f} | "
                   f"{figs['wall'][1]:.3f} = " + ", ".join(f"{p} {a:.3f} | {b:.3f}" for p, (a, b) in ph.items()))
-            print(f"  framework overhead (wall - train - eval, slowest rank): {figs['overhead'][0]:.3f} s "
-                  f"= {100 * figs['overhead_share'][0]:.1f}% of a round (last round {100 * figs['overhead_share'][1]:.1f}%); "
-                  f"without the experts' text encoding (prepare) {figs['overhead_no_prepare'][0]:.3f} s "
-                  f"= {100 * figs['overhead_no_prepare'][1]:.1f}%")
-            c1, c19, c20 = figs["commit_first_last"]
-            print(f"  results.h5 commit (Results.write): round 1 {1e3 * c1:.1f} ms, round {len(figs['write_phase']) - 1} "
-                  f"{1e3 * c19:.1f} ms, round {len(figs['write_phase'])} (+ status) {1e3 * c20:.1f} ms, median "
-                  f"{1e3 * figs['commit_median']:.1f} ms; write phase per round "
+            o = figs["overhead"]
+            print(f"  framework overhead (wall - prepare - train - eval of the slowest rank): {o[0]:.3f} s = "
+                  f"{100 * o[1]:.1f}% of a round (round {R}: {100 * o[2]:.1f}%); rounds without a checkpoint "
+                  f"{figs['overhead_plain'][0]:.3f} s = {100 * figs['overhead_plain'][1]:.1f}%; counting prepare "
+                  f"(the experts' text encoding) as overhead too: {100 * figs['overhead_with_prepare']:.1f}%")
+            c1, c20, cl, cm = figs["commit"]
+            print(f"  results.h5 commit (Results.write): round 1 {1e3 * c1:.1f} ms, round 20 {1e3 * c20:.1f} ms, "
+                  f"round {R} {1e3 * cl:.1f} ms, median {1e3 * cm:.1f} ms; write phase per round "
                   + " ".join(f"{w:.3f}" for w in figs["write_phase"]) + f"; results.h5 {figs['results_bytes'] / 2**20:.1f} MiB")
             for rd, secs, size in figs["checkpoints"]:
                 print(f"  checkpoint after round {rd}: {secs:.2f} s, {size / 2**20:.1f} MiB")
@@ -673,13 +679,16 @@ def cmd_scale(args) -> None:
                       f"({m['state_per_client'] / 1024:.1f} KiB each), features {mib(m['feature_bytes'])}, "
                       f"server (pool, ...) {mib(m['server_bytes'])}; RSS after set-up {mib(m['rss_after_setup'])}, "
                       f"peak {mib(m['hwm'])}; set-up {m['setup_s']:.1f} s")
-    print("\nsummary: s/round by phase (max over ranks), mean of rounds 1-19 / round 20 (every client evaluated)")
-    print(f"{'N':>7} {'ranks':>5} {'wall':>13} " + " ".join(f"{p:>13}" for p in next(iter(rows.values()))["phases"])
-          + f" {'overhead':>14}")
+    names = list(next(iter(rows.values()))["phases"])
+    print("\nsummary: s/round by phase (max over ranks; comm over the client ranks), mean of rounds 1-19 | round 20 "
+          "(every client evaluated); overhead = wall - (prepare + train + eval) of the slowest rank")
+    print("| N | ranks | wall | " + " | ".join(names) + " | overhead | overhead, rounds without checkpoint | commit r1 / r20 |")
+    print("|" + "---|" * (len(names) + 6))
     for (n, r), f in rows.items():
-        print(f"{n:>7,} {r:>5} {f['wall'][0]:6.3f}/{f['wall'][1]:6.2f} "
-              + " ".join(f"{a:6.3f}/{b:6.3f}" for a, b in f["phases"].values())
-              + f" {100 * f['overhead_share'][0]:5.1f}%/{100 * f['overhead_share'][1]:5.1f}%")
+        print(f"| {n:,} | {r} | {f['wall'][0]:.3f} \\| {f['wall'][1]:.2f} | "
+              + " | ".join(f"{a:.3f} \\| {b:.3f}" for a, b in f["phases"].values())
+              + f" | {100 * f['overhead'][1]:.1f}% | {100 * f['overhead_plain'][1]:.1f}% | "
+              f"{1e3 * f['commit'][0]:.1f} / {1e3 * f['commit'][1]:.1f} ms |")
     (tmp / "summary.json").write_text(json.dumps({f"{n}/{r}": f for (n, r), f in rows.items()}))
     print(f"(figures as JSON: {tmp / 'summary.json'})")
 
