@@ -45,8 +45,8 @@ class Outcome:
 def run_hash(cfg: Config) -> str:
     """The run's identity (checkpoints, results.h5 `config_hash`): Config.hash, which leaves out [run],
     plus a non-default evaluation schedule. Skipping a client's evaluation can change what it trains
-    from next (fedper's clients adopt the shared rows, fedotp's the global prompt, when evaluated), so
-    a checkpoint of another schedule is refused on resume; the default schedule keeps the plain hash."""
+    from next (a method may update a client's state from its evaluation downloads), so a checkpoint
+    of another schedule is refused on resume; the default schedule keeps the plain hash."""
     run = cfg.run
     if run.eval_every == 1 and run.eval_clients == "all":
         return cfg.hash()
