@@ -119,13 +119,19 @@ class MPIComm:
         """Wait, sleeping, until every rank reaches the next collective.
 
         MPI libraries busy-poll inside blocking collectives: a server waiting a whole round for its
-        clients would burn a core they need. A non-blocking barrier polled with short sleeps costs
-        well under a millisecond per exchange and gives that core back."""
+        clients would burn a core they need. A non-blocking barrier polled with short sleeps gives
+        that core back. The first 5 ms only yield (sleep(0)): most of a round's ~15 collectives
+        complete within them, and napping there cost ~6 ms per collective with more ranks than
+        cores (docs/benchmarks.md, "Cross-device scale"); a long wait (the server during training)
+        still sleeps."""
         req = self.comm.Ibarrier()
-        nap = 5e-5
+        start, nap = time.perf_counter(), 5e-5
         while not req.Test():
-            time.sleep(nap)
-            nap = min(nap * 2, 2e-3)
+            if time.perf_counter() - start < 5e-3:
+                time.sleep(0)
+            else:
+                time.sleep(nap)
+                nap = min(nap * 2, 2e-3)
 
     def bcast(self, buf: np.ndarray) -> np.ndarray:
         buf = np.ascontiguousarray(buf)
