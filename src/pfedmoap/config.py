@@ -349,6 +349,12 @@ def validate(cfg: Config) -> None:
     _need(d.shots >= 0, f"data.shots = {d.shots}: expected >= 0")
     _need(d.min_size >= 0, f"data.min_size = {d.min_size}: expected >= 0")
     _need(d.augment_views >= 0, f"data.augment_views = {d.augment_views}: expected >= 0 (0 = no augmentation)")
+    _need(d.augment in ("none", "views", "fresh"), f"data.augment = {d.augment!r}: expected none, views or fresh")
+    _need(d.augment != "views" or d.augment_views >= 1,
+          f"data.augment = 'views' needs data.augment_views >= 1 (got {d.augment_views})")
+    _need(d.augment != "fresh" or d.augment_views == 0,
+          f"data.augment = 'fresh' draws a new view every epoch: data.augment_views = {d.augment_views} "
+          f"is for 'views'; set it to 0")
     _need(d.clients_per_domain >= 1, f"data.clients_per_domain = {d.clients_per_domain}: expected >= 1")
     _need(d.n_classes >= 2, f"data.n_classes = {d.n_classes}: expected >= 2")
     _need(d.n_train >= 1 and d.n_test >= 1, "data.n_train and data.n_test: expected >= 1")
@@ -374,12 +380,6 @@ def validate(cfg: Config) -> None:
     _need("{}" in cfg.prompt.template, f"prompt.template = {cfg.prompt.template!r}: expected a '{{}}' for the class name")
     _need(cfg.dp.clip >= 0, f"dp.clip = {cfg.dp.clip}: expected >= 0 (0 = off)")
     _need(cfg.dp.noise_multiplier >= 0, f"dp.noise_multiplier = {cfg.dp.noise_multiplier}: expected >= 0")
-    _need(d.augment in ("none", "views", "fresh"), f"data.augment = {d.augment!r}: expected none, views or fresh")
-    _need(d.augment != "views" or d.augment_views >= 1,
-          f"data.augment = 'views' needs data.augment_views >= 1 (got {d.augment_views})")
-    _need(d.augment != "fresh" or d.augment_views == 0,
-          f"data.augment = 'fresh' draws a new view every epoch: data.augment_views = {d.augment_views} "
-          f"is for 'views'; set it to 0")
     _need(cfg.dp.noise_multiplier == 0 or cfg.dp.clip > 0,
           "dp.noise_multiplier > 0 needs dp.clip > 0: the noise scale is noise_multiplier * clip")
     _need(0 < cfg.dp.delta < 1, f"dp.delta = {cfg.dp.delta}: expected 0 < delta < 1")
