@@ -179,7 +179,8 @@ def _final_table(outcomes) -> str:
     for cfg, o in outcomes:
         accs = {i: a for i, a in enumerate(o.mean_accuracy)}
         # a one-round method (zeroshot) is shown at every round for comparison
-        lines.append(f"{cfg.algorithm:<12}" + "".join(f"{100 * accs.get(i, o.mean_accuracy[-1]):8.2f}" for i in shown))
+        cells = (accs.get(i, o.mean_accuracy[-1]) for i in shown)   # NaN: a round that evaluated nobody
+        lines.append(f"{cfg.algorithm:<12}" + "".join(f"{100 * a:8.2f}" if a == a else f"{'-':>8}" for a in cells))
     domains = list(outcomes[0][1].domain_accuracy)
     if len(domains) > 1:
         head = f"{'method':<12}" + "".join(f"{d[:9]:>10}" for d in domains)
