@@ -279,6 +279,7 @@ def test_a_corrupt_image_ends_every_rank_with_one_line(tmp_path, cache):
                        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert p.returncode == 2, p.stderr[-2000:]
     errors = [l for l in p.stderr.splitlines() if l.startswith("error")]
-    assert len(errors) == 1 and str(bad) in errors[0], p.stderr[-2000:]
+    # one line per rank that met the image (both client ranks may read it before the abort lands)
+    assert 1 <= len(errors) <= 2 and all(str(bad) in e for e in errors), p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert time.time() - start < 60
