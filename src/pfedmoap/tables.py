@@ -289,17 +289,15 @@ def configs_for(name: str, out: str | Path, sets=(), indices=(), path=None) -> l
 def is_complete(cfg) -> bool:
     """`cfg.out` already holds a complete run of this very config (results.h5 status `complete`,
     the same config hash): `pfedmoap run --table ... --if-exists resume` keeps it as it is."""
-    import h5py
-    file = Path(cfg.out) / "results.h5"
-    if not file.is_file():
+    from .federation import run_hash        # the hash results.h5 records (the eval schedule included)
+    from .store import RESULTS, read_results
+    if not (Path(cfg.out) / RESULTS).is_file():
         return False
     try:
-        with h5py.File(file, "r") as h5:
-            status, digest = h5.attrs.get("status"), h5.attrs.get("config_hash")
-    except OSError:
+        attrs = read_results(cfg.out, rounds=False)["attrs"]
+    except PFedMoAPError:
         return False
-    plain = [v.decode() if isinstance(v, bytes) else str(v) for v in (status, digest)]
-    return plain == ["complete", cfg.hash()]
+    return attrs.get("status") == "complete" and attrs.get("config_hash") == run_hash(cfg)
 
 
 # ---------------------------------------------------------------------------- `pfedmoap table`
