@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pfedmoap import config, store
-from pfedmoap.algorithms.fedamp import attention
+from pfedmoap.algorithms.fedamp.method import attention
 from pfedmoap.algorithms.base import PromptState, fedavg
 from pfedmoap.comm import LocalComm
 from pfedmoap.errors import PFedMoAPError
@@ -241,7 +241,7 @@ def _u_by_formula(store_, have, i, sigma, self_weight):
 
 def test_fedamp_downloads_are_the_attention_weighted_prompts(traced):
     t = traced["fedamp"]
-    f = t.cfg.fedamp
+    f = t.cfg.options
     assert (f.sigma, f.self_weight, f.lam) == (25.0, 0.5, 1.0)
     uploaded = np.zeros(N, bool)
     for r in range(ROUNDS):

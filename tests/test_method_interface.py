@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pfedmoap import algorithms
-from pfedmoap.algorithms import Array, Arrays, ClientPart, Log, Method, PerClient, ServerPart
+from pfedmoap.algorithms import Manifest
+from pfedmoap.algorithms.base import Array, Arrays, ClientPart, Log, Method, PerClient, ServerPart
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 SRC = Path(__file__).resolve().parent.parent / "src" / "pfedmoap"
@@ -75,9 +76,7 @@ class NearestClient(ClientPart):
         return res
 
 
-@algorithms.register
 class NearestMean(Method):
-    name = "toy-nearest-mean"
     Server, Client = NearestServer, NearestClient
 
     def arrays(self):
@@ -87,6 +86,9 @@ class NearestMean(Method):
     def logs(self):
         return (Log("nearest", (2,), "int32", -1, "server", "the two clients averaged"),
                 Log("ctx_norm", (1,), "float32", float("nan"), "client", "L2 norm of the prompt"))
+
+
+algorithms.register(Manifest("toy-nearest-mean", NearestMean))
 
 
 # ---------------------------------------------------------------------------- runs

@@ -99,7 +99,7 @@ class Federation:
         self.method, self.client = b.method, b.client
         self.arrays = self.method.arrays()
         self.logs = {lg.name: lg for lg in self.method.logs()}
-        self.rounds = self.method.rounds()
+        self.rounds = b.manifest.rounds_for(cfg)
         self.transport = Transport(comm, b.owner)
         self.mine = self.transport.mine
         self.server = self.method.server() if self.root else None

@@ -110,7 +110,9 @@ class RunSpec:
     def config(self, root: str | Path, sets=()):
         """The run's resolved, validated Config, writing to `out(root)`."""
         from . import config
-        cfg = config.load(self.column.config or None, self.overrides(sets), overlays=self.overlays())
+        # a table's --set is shared by its rows' methods: a key of another method's section is left out
+        cfg = config.load(self.column.config or None, self.overrides(sets), overlays=self.overlays(),
+                          other_methods="skip")
         cfg.out = str(self.out(root))
         return cfg
 

@@ -1,7 +1,8 @@
 """The method interface: what a method declares, its server part and its client part.
 
-A method is one module that registers one `Method` subclass (see docs/methods.md for a worked
-example). It declares, on every rank alike,
+A method is a package `algorithms/<name>/`: its manifest (`__init__.py`: name, options, data
+needs; algorithms/manifest.py) and its implementation (`method.py`), a `Method` subclass (see
+docs/methods.md for a worked example). The implementation declares, on every rank alike,
 
 - the arrays it moves (`arrays()`): rows of `width` values that go down to clients before training
   (`fit_down`), up from the round's participants (`up`) and down again before evaluation
@@ -162,6 +163,7 @@ class ServerPart:
 
     def __init__(self, method: "Method"):
         self.method, self.cfg, self.n_clients = method, method.cfg, method.setup.n_clients
+        self.options = method.options       # the method's own options (its manifest's section), or None
 
     def participants(self, round_: int) -> np.ndarray:
         t = self.cfg.train
@@ -202,7 +204,7 @@ class ClientPart:
 
     def __init__(self, method: "Method"):
         s = method.setup
-        self.method, self.cfg = method, method.cfg
+        self.method, self.cfg, self.options = method, method.cfg, method.options
         self.encoder, self.backbone, self.ctx_shape = s.encoder, s.backbone, s.ctx_shape
         self.logit_scale = s.backbone.logit_scale
         self._text: dict[int, torch.Tensor] = {}     # evaluation text features of unchanged prompts
@@ -339,24 +341,14 @@ class ClientPart:
 # ---------------------------------------------------------------------------- the method
 
 class Method:
-    """A registered method: its declarations and its two parts (`Server`, `Client` classes)."""
-    name = ""
-    # The frozen image features its clients get: "pooled" (ClientData.train_x/test_x only) or
-    # "dense" (also train_dense/test_dense, the patch features; see data/features.py).
-    image_features = "pooled"
+    """A method's implementation: its declarations and its two parts (`Server`, `Client` classes).
+    What it is called, its options and data needs are its manifest (algorithms/manifest.py)."""
     Server: type[ServerPart] = ServerPart
     Client: type[ClientPart] = ClientPart
 
     def __init__(self, setup: Setup):
         self.setup, self.cfg = setup, setup.cfg
-
-    @classmethod
-    def rounds_for(cls, cfg) -> int:
-        """The rounds a run of this method has (zeroshot: one evaluation)."""
-        return cfg.rounds
-
-    def rounds(self) -> int:
-        return self.rounds_for(self.cfg)
+        self.options = setup.cfg.options      # the method's own options (its manifest's section), or None
 
     def arrays(self) -> Arrays:
         return Arrays()
