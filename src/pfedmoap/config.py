@@ -132,7 +132,7 @@ class RunConfig:
     # Evaluation schedule: every eval_every-th round evaluates `eval_clients` ("all" clients, or only
     # the round's "participants"); the other rounds evaluate nobody; the last round evaluates every
     # client. Not evaluated: NaN in results.h5 (/rounds/evaluated says who was). A schedule other than
-    # the default is part of the run's identity (federation.run_hash): it can change what some methods train.
+    # the default is part of the run's identity (run_hash): it can change what some methods train.
     eval_every: int = 1
     eval_clients: str = "all"     # all | participants
 
@@ -186,12 +186,39 @@ def _digest(d: dict) -> str:
     return hashlib.sha256(tomli_w.dumps(d).encode()).hexdigest()[:16]
 
 
-def legacy_hash(config_toml: str, exclude: tuple[str, ...] = ("out", "run")) -> str:
-    """Config.hash as pfedmoap 0.1.0 computed it before issue 20, when every config held every
-    method's section: the digest of everything the recorded config text holds (not out, [run]).
-    Used only to recognise checkpoints and results written then (federation.recorded_run_hash)."""
-    d = tomllib.loads(config_toml)
-    return _digest({k: v for k, v in d.items() if k not in exclude})
+def _with_schedule(config_hash: str, run: RunConfig) -> str:
+    if run.eval_every == 1 and run.eval_clients == "all":
+        return config_hash
+    key = f"{config_hash}|eval_every={run.eval_every}|eval_clients={run.eval_clients}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def run_hash(cfg: Config) -> str:
+    """The run's identity (checkpoints, results.h5 `config_hash`): Config.hash, which leaves out [run],
+    plus a non-default evaluation schedule. Skipping a client's evaluation can change what it trains
+    from next (a method may update a client's state from its evaluation downloads), so a checkpoint
+    of another schedule is refused on resume; the default schedule keeps the plain hash."""
+    return _with_schedule(cfg.hash(), cfg.run)
+
+
+def recorded_run_hash(attrs: dict) -> str:
+    """The run hash, in today's scheme, of a checkpoint's or results.h5's attributes (`config`,
+    `config_hash`): what resuming and `tables.is_complete` compare with run_hash(cfg).
+
+    Files written before issue 20 record a legacy hash, taken over every method's section (each
+    config then held them all): such a hash is recognised by recomputing it from the config text
+    the file records, and then stands for the run hash of that config as read today (its own
+    method's section only). Anything else is returned as recorded (docs/hdf5-layout.md)."""
+    recorded, text = str(attrs.get("config_hash", "")), attrs.get("config")
+    if not isinstance(text, str):
+        return recorded
+    try:
+        cfg = from_toml(text)
+        legacy = _with_schedule(_digest({k: v for k, v in tomllib.loads(text).items() if k not in ("out", "run")}),
+                                cfg.run)
+    except (PFedMoAPError, tomllib.TOMLDecodeError):
+        return recorded            # e.g. a method no longer registered: no run of it can match
+    return run_hash(cfg) if recorded == legacy else recorded
 
 
 # ---------------------------------------------------------------- building a config

@@ -7,7 +7,6 @@ each hosted client, counts bytes, times phases and writes results and checkpoint
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 from . import comm as comm_mod, store
 from .algorithms.base import Broadcast, PerClient, sample_participants  # noqa: F401  (re-exported for tools and tests)
 from .build import Build
-from .config import Config
+from .config import Config, recorded_run_hash, run_hash
 from .errors import PFedMoAPError
 from .exchange import Transport
 
@@ -40,18 +39,6 @@ class Outcome:
     status: str                                  # complete | stopped
     mean_accuracy: list[float] = field(default_factory=list)
     domain_accuracy: dict[str, float] = field(default_factory=dict)   # last round, all clients' test images together
-
-
-def run_hash(cfg: Config) -> str:
-    """The run's identity (checkpoints, results.h5 `config_hash`): Config.hash, which leaves out [run],
-    plus a non-default evaluation schedule. Skipping a client's evaluation can change what it trains
-    from next (a method may update a client's state from its evaluation downloads), so a checkpoint
-    of another schedule is refused on resume; the default schedule keeps the plain hash."""
-    run = cfg.run
-    if run.eval_every == 1 and run.eval_clients == "all":
-        return cfg.hash()
-    key = f"{cfg.hash()}|eval_every={run.eval_every}|eval_clients={run.eval_clients}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def evaluated_clients(cfg: Config, round_: int, rounds: int, participants: np.ndarray) -> np.ndarray:
@@ -119,7 +106,7 @@ class Federation:
         if self.root:
             try:
                 start, ckpt, self.lock = store.open_run(run_dir, if_exists, self.run_hash,
-                                                        self._checkpoint_shapes())
+                                                        self._checkpoint_shapes(), recorded_run_hash)
                 self._open_results(run_dir, start)
             except PFedMoAPError as e:
                 error = e
