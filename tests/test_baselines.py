@@ -94,8 +94,8 @@ class Trace:
             self.configure_fit.append(dict(r=r, participants=np.array(participants), state=snap, out=out))
             return out
 
-        def rec_configure_evaluate(r, _f=server.configure_evaluate):
-            out = _f(r)
+        def rec_configure_evaluate(r, evaluated, _f=server.configure_evaluate):
+            out = _f(r, evaluated)
             self.configure_evaluate.append(dict(r=r, out=out))
             return out
 

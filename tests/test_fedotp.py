@@ -159,7 +159,7 @@ def test_a_round_uploads_global_only_keeps_local_and_shares_the_global(method):
             ups.append(up)
         server.aggregate_fit(r, part, {k: np.array([u[k] for u in ups], np.float32) for k in ("prompt", "n_samples")})
         np.testing.assert_allclose(server.global_prompt, np.mean([u["prompt"] for u in ups], 0), rtol=1e-5, atol=1e-7)
-        ev = server.configure_evaluate(r)
+        ev = server.configure_evaluate(r, np.ones(4, bool))
         assert ev["global_prompt"].to.all()
         for c in range(4):
             res = client.evaluate(states[c], data[c], r, c, {"global_prompt": ev["global_prompt"].row})

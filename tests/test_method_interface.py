@@ -15,7 +15,8 @@ import torch
 
 from pfedmoap import algorithms
 from pfedmoap.algorithms import Manifest
-from pfedmoap.algorithms.base import Array, Arrays, ClientPart, Log, Method, PerClient, ServerPart
+from pfedmoap.algorithms.base import Arrays, ClientPart, Log, Method, ServerPart
+from pfedmoap.exchange import Array, PerClient
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 SRC = Path(__file__).resolve().parent.parent / "src" / "pfedmoap"

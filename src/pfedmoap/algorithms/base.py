@@ -33,18 +33,10 @@ import torch.nn.functional as F
 
 from .. import dp, rng
 from ..errors import PFedMoAPError
+from ..exchange import Array, Broadcast, PerClient
 
 
 # ---------------------------------------------------------------------------- declarations
-
-@dataclass(frozen=True)
-class Array:
-    """One kind of array a method moves; `width` values per row."""
-    name: str
-    width: int
-    dtype: str = "float32"          # float32 | int32
-    broadcast: bool = False         # the same row for every recipient (Bcast) vs rows per client
-
 
 @dataclass(frozen=True)
 class Arrays:
@@ -62,20 +54,6 @@ class Log:
     fill: float = float("nan")      # clients without a value this round
     side: str = "client"            # "client": returned by Client.evaluate; "server": Server.logs
     description: str = ""
-
-
-@dataclass
-class Broadcast:
-    """A payload: `row` for every client in `to` (a (N,) bool mask)."""
-    row: np.ndarray
-    to: np.ndarray
-
-
-@dataclass
-class PerClient:
-    """A payload: client c receives counts[c] rows; `rows` holds them client by client."""
-    rows: np.ndarray
-    counts: np.ndarray
 
 
 @dataclass
@@ -176,7 +154,9 @@ class ServerPart:
     def aggregate_fit(self, round_: int, participants: np.ndarray, uploads: dict[str, np.ndarray]) -> None:
         """uploads[name]: (len(participants), width) rows, in participant order."""
 
-    def configure_evaluate(self, round_: int) -> dict[str, Broadcast | PerClient]:
+    def configure_evaluate(self, round_: int, evaluated: np.ndarray) -> dict[str, Broadcast | PerClient]:
+        """Payloads of the `eval_down` arrays. evaluated: (N,) bool, the clients this round evaluates
+        (at least one; the loop drops what is sent to the others, and a server may skip their work)."""
         return {}
 
     def logs(self) -> dict[str, np.ndarray]:

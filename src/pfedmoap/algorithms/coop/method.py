@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from ...errors import PFedMoAPError
-from ..base import Array, Arrays, Broadcast, ClientPart, Method, ServerPart, fedavg
+from ...exchange import Array, Broadcast
+from ..base import Arrays, ClientPart, Method, ServerPart, fedavg
 
 
 class Local(Method):
@@ -30,7 +31,7 @@ class PromptFLServer(ServerPart):
     def aggregate_fit(self, round_, participants, uploads):
         self.global_prompt = fedavg(uploads["prompt"], uploads["n_samples"][:, 0])
 
-    def configure_evaluate(self, round_):
+    def configure_evaluate(self, round_, evaluated):
         return {"global_prompt": Broadcast(self.global_prompt, np.ones(self.n_clients, bool))}
 
     def state_dict(self):

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import PFedMoAPError
-from ..base import Array, Arrays, ClientPart, Method, PerClient, ServerPart
+from ...exchange import Array, PerClient
+from ..base import Arrays, ClientPart, Method, ServerPart
 
 
 def attention(store: np.ndarray, have: np.ndarray, clients: np.ndarray, sigma: float,

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ...errors import PFedMoAPError
-from ..base import Array, Arrays, Broadcast, ClientPart, Method, ServerPart, fedavg
+from ...exchange import Array, Broadcast
+from ..base import Arrays, ClientPart, Method, ServerPart, fedavg
 
 
 class Server(ServerPart):
@@ -36,7 +37,7 @@ class Server(ServerPart):
     def aggregate_fit(self, round_, participants, uploads):
         self.shared = fedavg(uploads["shared"], uploads["n_samples"][:, 0])
 
-    def configure_evaluate(self, round_):
+    def configure_evaluate(self, round_, evaluated):
         return {"global_shared": Broadcast(self.shared, np.ones(self.n_clients, bool))}
 
     def state_dict(self):

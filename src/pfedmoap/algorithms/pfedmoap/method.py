@@ -27,8 +27,8 @@ import torch
 from ... import rng, router
 from ...clip.gating import GatingNetwork, LinearGate, moe_logits
 from ...errors import PFedMoAPError
-from ..base import (Array, Arrays, Broadcast, ClientPart, Log, Method, PerClient, PromptState, ServerPart,
-                   fedavg)
+from ...exchange import Array, Broadcast, PerClient
+from ..base import Arrays, ClientPart, Log, Method, PromptState, ServerPart, fedavg
 
 
 def _mask(n: int, ids) -> np.ndarray:
@@ -94,7 +94,7 @@ class Server(ServerPart):
         if "gating" in uploads:
             self.global_gating = fedavg(uploads["gating"], n)
 
-    def configure_evaluate(self, round_):
+    def configure_evaluate(self, round_, evaluated):
         out = {}
         if self.m.participation == "paper":
             everyone = np.arange(self.n_clients)
