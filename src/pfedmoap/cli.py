@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import algorithms
 from .errors import PFedMoAPError, ReportedElsewhere
 
 
@@ -40,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a configuration (no CONFIG: the embedded quick-start)")
     run.add_argument("config", nargs="?", help="TOML file")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set algorithm=pfedmoap --set data.beta=0.1")
+                     help="override a config key, e.g. --set data.beta=0.1 --set algorithm=NAME (NAME: "
+                          f"{', '.join(m.name for m in algorithms.manifests())})")
     run.add_argument("--out", help="run directory (default: the config's `out`)")
     run.add_argument("--if-exists", choices=("refuse", "resume", "overwrite"), default="refuse",
                      help="when the run directory already holds a run (default: refuse)")
@@ -182,7 +184,7 @@ def _final_table(outcomes) -> str:
     lines = ["", "mean client accuracy per round (%)", head, "-" * len(head)]
     for cfg, o in outcomes:
         accs = {i: a for i, a in enumerate(o.mean_accuracy)}
-        # a one-round method (zeroshot) is shown at every round for comparison
+        # a one-round method (a frozen model evaluated once) is shown at every round for comparison
         cells = (accs.get(i, o.mean_accuracy[-1]) for i in shown)   # NaN: a round that evaluated nobody
         lines.append(f"{cfg.algorithm:<12}" + "".join(f"{100 * a:8.2f}" if a == a else f"{'-':>8}" for a in cells))
     domains = list(outcomes[0][1].domain_accuracy)
@@ -213,16 +215,19 @@ def _resume(run_dir: str, comm) -> int:
 
 
 def _info(comm) -> int:
+    """Versions, methods, world and devices. What needs no torch is printed before torch is imported
+    (seconds on a loaded node)."""
+    from . import __version__, comm as comm_mod, store
+    say = print if comm.rank == 0 else (lambda *a, **k: None)
+    say("\n".join([f"pfedmoap {__version__}", f"python {sys.version.split()[0]}",
+                   f"methods: {', '.join(m.name for m in algorithms.manifests())}",
+                   store.library_versions(), comm_mod.library_versions(), f"world size {comm.size}"]), flush=True)
     import open_clip
     import torch
-    from . import __version__, comm as comm_mod, store
-    lines = [f"pfedmoap {__version__}", f"python {sys.version.split()[0]}", f"torch {torch.__version__}",
-             f"open_clip {open_clip.__version__}", store.library_versions(), comm_mod.library_versions(),
-             f"world size {comm.size}"]
     cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    lines.append(f"devices: cpu ({torch.get_num_threads()} threads)" + "".join(f", cuda:{i} {n}" for i, n in enumerate(cuda)))
-    if comm.rank == 0:
-        print("\n".join(lines))
+    say("\n".join([f"torch {torch.__version__}", f"open_clip {open_clip.__version__}",
+                   f"devices: cpu ({torch.get_num_threads()} threads)"
+                   + "".join(f", cuda:{i} {n}" for i, n in enumerate(cuda))]))
     return 0
 
 
