@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from ... import rng
-from ...errors import PFedMoAPError
 from ...ot import OTOptions, ot_logits
 from ..base import ClientPart, Method, PromptState
 from ..coop.method import PromptFLServer, prompt_exchange

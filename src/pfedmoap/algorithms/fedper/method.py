@@ -17,7 +17,6 @@ down per client and round, the same plus 4 (the sample count) up per participant
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -26,7 +26,6 @@ import torch
 
 from ... import rng, router
 from ...clip.gating import GatingNetwork, LinearGate, moe_logits
-from ...errors import PFedMoAPError
 from ...exchange import Array, Broadcast, PerClient
 from ..base import Arrays, ClientPart, Log, Method, PromptState, ServerPart, fedavg
 

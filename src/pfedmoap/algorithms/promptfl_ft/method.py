@@ -21,13 +21,11 @@ Cost: N clients x `epochs` epochs of extra local training per round, on top of P
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ... import rng
-from ...errors import PFedMoAPError
 from ..coop.method import PromptFL, PromptFLClient
 
 
