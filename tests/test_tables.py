@@ -183,6 +183,8 @@ def test_layers_in_order_file_column_overlay_row_user_seed(tmp_path):
      r"tables.t.layout = 'wide': expected one of datasets, domains"),
     ('[tables.t]\nrows = [{name = "A"}]\ncolumns = [{name = "X"}]\ntitel = "x"\n', r"tables.t: unknown key 'titel'"),
     ('[tables.t]\nrows = [{name = "A"}]\ncolumns = "u"\n', r"tables.t.columns = 'u': expected the name of a table"),
+    ('[tables.t]\nrows = [{name = "A", set = ["algorithm=fedpox"]}]\ncolumns = [{name = "X"}]\n',
+     r"tables.t.rows\[0\]: algorithm = 'fedpox': expected one of .*zeroshot"),
     ('x = 1\n', r"no \[tables.NAME\] section"),
     ('[tables\n', r"is not valid TOML"),
 ])

@@ -45,7 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     v = _Parser(add_help=False)         # every command: how much the library tells on the console
     v.add_argument("-v", "--verbose", action="count", default=0, help="more messages (e.g. phase times per round)")
     v.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
-    run = sub.add_parser("run", parents=[v], help="run a configuration (no CONFIG: the embedded quick-start)")
+    methods = "\n".join(f"  {m.name:<12} {m.label}{f' [{m.section}]' if m.section else ''}: {m.summary}"
+                        for m in algorithms.manifests())
+    run = sub.add_parser("run", parents=[v], help="run a configuration (no CONFIG: the embedded quick-start)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=f"methods (--set algorithm=NAME; [section]: its options):\n{methods}")
     run.add_argument("config", nargs="?", help="TOML file")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set data.beta=0.1 --set algorithm=NAME (NAME: "

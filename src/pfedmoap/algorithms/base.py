@@ -80,7 +80,7 @@ class ClientData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     train_views: torch.Tensor | None = None   # (V, n, D) augmented views; a random one per image per epoch
-    train_dense: torch.Tensor | None = None   # (n, M, D) float16, L2-normalised patch features (image_features = "dense")
+    train_dense: torch.Tensor | None = None   # (n, M, D) float16, L2-normalised patch features (DataNeeds.dense)
     test_dense: torch.Tensor | None = None    # (n_test, M, D) likewise
     # data.augment = "fresh": (round, local epoch) -> (n, D), a new view of every image, precomputed
     # outside the training step (data/features.py FreshViews)

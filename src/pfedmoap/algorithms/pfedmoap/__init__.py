@@ -44,4 +44,5 @@ class MoEOptions:
 
 register(Manifest("pfedmoap", "pfedmoap.algorithms.pfedmoap.method:PFedMoAP", label="pFedMoAP", order=90,
                   quickstart=True, section="moe", options=MoEOptions, default=True,
-                  summary="the local prompt plus K-1 non-local experts from the pool, mixed by a client-side gating network"))
+                  summary="the local prompt plus K-1 non-local experts from the pool, mixed by a client-side "
+                          "gating network"))
