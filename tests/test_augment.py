@@ -247,4 +247,4 @@ def test_the_paper_configs_train_on_fresh_views():
 
 def test_dense_methods_refuse_fresh_views(tmp_path):
     with pytest.raises(PFedMoAPError, match="data.augment = 'fresh'.*fedotp"):
-        _federation(tmp_path, SETS + ["algorithm=fedotp", "data.cache_dir="])
+        _federation(tmp_path, [s for s in SETS if not s.startswith("moe.")] + ["algorithm=fedotp", "data.cache_dir="])

@@ -290,7 +290,7 @@ class _Console(logging.StreamHandler):
 def _console(verbosity: int) -> None:
     """The library logs to module loggers under `pfedmoap`; the console shows INFO (the per-round
     lines), DEBUG with -v, WARNING and above with -q. Other libraries' loggers are left as they are."""
-    log = logging.getLogger("pfedmoap")
+    log = logging.getLogger(__package__)           # the library's loggers are its modules' names
     if not any(isinstance(h, _Console) for h in log.handlers):    # main() may run several times in a process
         log.addHandler(_Console())
         log.propagate = False
