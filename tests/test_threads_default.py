@@ -51,6 +51,7 @@ def test_the_default_is_one_thread_in_one_process(tmp_path):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec beside the venv's python")
 def test_one_process_equals_three_ranks_with_the_default_threads(tmp_path):
     _run(0, tmp_path / "one")
