@@ -22,7 +22,6 @@ sys.path.insert(0, str(HERE / "fixtures"))
 import exchange_cases  # noqa: E402
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-_REPLAYS: dict[int, dict] = {}
 
 
 def _recording() -> dict:
@@ -31,19 +30,21 @@ def _recording() -> dict:
 
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory):
-    """replay(ranks) -> {case/field: array}, each rank count run once per session (0: no mpiexec)."""
+    """replay(ranks) -> {case/field: array}, each rank count run once (0: no mpiexec)."""
+    done: dict[int, dict] = {}
+
     def run(ranks: int) -> dict:
         if ranks and not os.path.exists(MPIEXEC):
             pytest.skip("no mpiexec beside the venv's python")
-        if ranks not in _REPLAYS:
+        if ranks not in done:
             out = tmp_path_factory.mktemp(f"exchange{ranks}") / "got.npz"
             cmd = [sys.executable, str(HERE / "fixtures" / "exchange_cases.py"), "record", str(out)]
             env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
             p = subprocess.run(([MPIEXEC, "-n", str(ranks)] if ranks else []) + cmd, capture_output=True,
                                text=True, timeout=1800, env=env)
             assert p.returncode == 0, p.stderr[-3000:]
-            _REPLAYS[ranks] = dict(np.load(out))
-        return _REPLAYS[ranks]
+            done[ranks] = dict(np.load(out))
+        return done[ranks]
     return run
 
 
