@@ -240,6 +240,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_cli_run_counts_global_prompt_bytes_only(runs):
     rounds, ckpt = runs[0]
     part = rounds["participated"].astype(bool)
@@ -258,6 +259,7 @@ def test_cli_run_counts_global_prompt_bytes_only(runs):
     assert len({state[c, P:].tobytes() for c in range(6)}) == 6         # six personal local prompts
 
 
+@pytest.mark.slow
 def test_cli_identical_at_one_and_three_ranks(runs):
     if 3 not in runs:
         pytest.skip("no mpiexec beside the venv's python")
@@ -267,6 +269,7 @@ def test_cli_identical_at_one_and_three_ranks(runs):
         np.testing.assert_array_equal(runs[0][1][k], runs[3][1][k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_exact(runs, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "pfedmoap.cli", "run", "--out", str(out)]
@@ -294,6 +297,7 @@ def test_stop_and_resume_is_exact(runs, tmp_path):
         np.testing.assert_array_equal(ckpt[k], ref_ckpt[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_quickstart_digits_micro_clip_runs_fedotp(tmp_path):
     """The default model (micro-clip, a ViT) on the embedded digits, one short round."""
     backbone = Backbone("micro-clip", "digits")

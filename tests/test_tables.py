@@ -237,6 +237,7 @@ def test_cli_table_commands_and_errors(capsys, tmp_path):
 
 # ------------------------------------------------------------------------ DP ε in the report
 
+@pytest.mark.slow
 def test_ordinary_report_shows_the_dp_epsilon_spent(tmp_path):
     from pfedmoap import store
     from pfedmoap.analysis import report_main
