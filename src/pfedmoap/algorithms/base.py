@@ -86,6 +86,7 @@ class Setup:
     backbone: object                 # clip.backbone.Backbone
     ctx_shape: tuple[int, int]       # (n_ctx, width) of one prompt
     dp_noise: float = 0.0            # the noise multiplier uploads get (dp.noise_multiplier, or solved from dp.epsilon)
+    dp_sensitivity: float = 0.0      # the L2 sensitivity of an upload (docs/privacy.md); noise std = dp_noise * it
 
     @property
     def prompt_size(self) -> int:
@@ -139,10 +140,23 @@ def macro_f1(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
-def fedavg(prompts: np.ndarray, n_samples: np.ndarray) -> np.ndarray:
-    """FedAvg: the sample-count-weighted mean of the uploaded prompts (rows)."""
+def fedavg(prompts: np.ndarray, n_samples: np.ndarray | None) -> np.ndarray:
+    """FedAvg: the sample-count-weighted mean of the uploaded prompts (rows); the plain mean
+    without counts (under DP the count does not travel: it is not covered by the noise)."""
+    if n_samples is None:
+        n_samples = np.ones(len(prompts))
     w = n_samples.astype(np.float64) / n_samples.sum()
     return (w @ prompts.astype(np.float64)).astype(np.float32)
+
+
+def sample_count_array(cfg) -> tuple[Array, ...]:
+    """The `n_samples` upload (FedAvg's weight), declared only without DP (docs/privacy.md)."""
+    return () if cfg.dp.clip > 0 else (Array("n_samples", 1),)
+
+
+def sample_counts(uploads: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The participants' uploaded sample counts, None under DP (then FedAvg weighs them equally)."""
+    return uploads["n_samples"][:, 0] if "n_samples" in uploads else None
 
 
 def sample_participants(seed: int, round_: int, n_clients: int, frac: float, rounding: str = "floor") -> np.ndarray:
@@ -251,9 +265,35 @@ class ClientPart:
         return torch.from_numpy(np.array(row, np.float32)).reshape(self.ctx_shape)
 
     def upload_prompt(self, ctx: torch.Tensor, round_: int, cid: int) -> np.ndarray:
-        """The copy of a prompt that leaves the client: clipped and noised when dp is on."""
-        return dp.privatize(ctx.reshape(-1).cpu().numpy(), self.cfg.dp.clip, self.method.setup.dp_noise,
-                            rng.numpy_rng(self.cfg.seed, "dp", round_, cid))
+        """The copy of a prompt that leaves the client: noised (dp.mechanism "gradient", its steps'
+        gradients were clipped), or clipped and noised ("upload"), when dp is on."""
+        d, s = self.cfg.dp, self.method.setup
+        row, gen = ctx.reshape(-1).cpu().numpy(), rng.numpy_rng(self.cfg.seed, "dp", round_, cid)
+        if d.clip > 0 and d.mechanism == "gradient":
+            return dp.add_noise(row, s.dp_noise * s.dp_sensitivity, gen)
+        return dp.privatize(row, d.clip, s.dp_noise, gen)
+
+    def upload_count(self, data: ClientData) -> dict[str, list[int]]:
+        """FedAvg's weight, uploaded only without DP (see `sample_count_array`)."""
+        return {} if self.cfg.dp.clip > 0 else {"n_samples": [len(data.train_y)]}
+
+    def gradient_clip(self) -> float:
+        """C, the L2 bound of each local step's gradient of the uploaded rows; 0: no clipping."""
+        d = self.cfg.dp
+        return d.clip if d.clip > 0 and d.mechanism == "gradient" else 0.0
+
+    def released_rows(self) -> slice:
+        """The rows of the prompt a participant uploads (their gradient is what dp clips)."""
+        return slice(None)
+
+    def step_lrs(self, n: int) -> list[float]:
+        """The learning rate of each local step of a round for a client with n training images
+        (`train_prompt`'s schedule and batches; the sensitivity of the "gradient" mechanism)."""
+        t = self.cfg.train
+        if n == 0:
+            return []
+        per_epoch = n // min(t.batch_size, n)
+        return [self.lr_at(e) for e in range(t.local_epochs) for _ in range(per_epoch)]
 
     def own_text(self, state, cid: int) -> torch.Tensor:
         """(C, D) text features of the client's prompt; a client that did not train keeps them."""
@@ -285,6 +325,7 @@ class ClientPart:
         gen = rng.torch_generator(self.cfg.seed, "batches", round_, cid)
         n = len(data.train_y)
         bs = min(t.batch_size, n)
+        clip = self.gradient_clip()
         losses = []
         for epoch in range(t.local_epochs):
             for g in opt.param_groups:
@@ -305,6 +346,8 @@ class ClientPart:
                 for o in others:
                     o.zero_grad(set_to_none=True)
                 loss.backward()
+                if clip:
+                    dp.clip_gradient_(ctx.grad[self.released_rows()], clip)
                 opt.step()
                 for o in others:
                     o.step()

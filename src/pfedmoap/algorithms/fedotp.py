@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import rng
+from .. import dp, rng
 from ..config import register_section
 from ..errors import PFedMoAPError
 from ..ot import METHODS, STOPS, OTOptions, ot_logits
@@ -123,7 +123,7 @@ class Client(ClientPart):
         if "global_prompt" in down:
             state.ctx = self.prompt(down["global_prompt"])
         self.train_pair(state, data, round_, cid)
-        return {"prompt": self.upload_prompt(state.ctx, round_, cid), "n_samples": [len(data.train_y)]}
+        return {"prompt": self.upload_prompt(state.ctx, round_, cid), **self.upload_count(data)}
 
     def train_pair(self, state: State, data, round_: int, cid: int) -> float:
         """CoOp's local training (ClientPart.train_prompt's schedule, batches and SGD) of the
@@ -139,6 +139,7 @@ class Client(ClientPart):
         opt = torch.optim.SGD([pair], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         gen = rng.torch_generator(self.cfg.seed, "batches", round_, cid)
         bs = min(t.batch_size, n)
+        clip = self.gradient_clip()        # dp.mechanism "gradient": on the global prompt's gradient only
         losses = []
         for epoch in range(t.local_epochs):
             for g in opt.param_groups:
@@ -149,6 +150,8 @@ class Client(ClientPart):
                 loss = F.cross_entropy(self.logits(self._texts(pair), data.train_dense[idx]), data.train_y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if clip:
+                    dp.clip_gradient_(pair.grad[0], clip)
                 opt.step()
                 losses.append(float(loss.detach()))
         state.ctx, state.local = pair[0].detach().clone(), pair[1].detach().clone()
@@ -175,4 +178,4 @@ class FedOTP(Method):
     Server, Client = Server, Client
 
     def arrays(self):
-        return prompt_exchange(self.setup.prompt_size, evaluate_global=True)
+        return prompt_exchange(self.setup.prompt_size, evaluate_global=True, cfg=self.cfg)

@@ -25,7 +25,8 @@ import torch
 from ..config import register_section
 from ..errors import PFedMoAPError
 from . import register
-from .base import Array, Arrays, Broadcast, ClientPart, Method, ServerPart, fedavg
+from .base import (Array, Arrays, Broadcast, ClientPart, Method, ServerPart, fedavg, sample_count_array,
+                   sample_counts)
 
 
 @register_section("fedper")
@@ -46,7 +47,7 @@ class Server(ServerPart):
         self.shared: np.ndarray | None = None
 
     def aggregate_fit(self, round_, participants, uploads):
-        self.shared = fedavg(uploads["shared"], uploads["n_samples"][:, 0])
+        self.shared = fedavg(uploads["shared"], sample_counts(uploads))
 
     def configure_evaluate(self, round_):
         return {"global_shared": Broadcast(self.shared, np.ones(self.n_clients, bool))}
@@ -62,10 +63,13 @@ class Server(ServerPart):
 class Client(ClientPart):
     """Trains its whole prompt, uploads the shared rows, adopts the downloaded shared rows."""
 
+    def released_rows(self):
+        return slice(0, self.method.n_shared)
+
     def fit(self, state, data, round_, cid, down):
         self.train_prompt(state, data, round_, cid)
         k = self.method.n_shared
-        return {"shared": self.upload_prompt(state.ctx[:k], round_, cid), "n_samples": [len(data.train_y)]}
+        return {"shared": self.upload_prompt(state.ctx[:k], round_, cid), **self.upload_count(data)}
 
     def evaluate(self, state, data, round_, cid, down):
         if "global_shared" in down:
@@ -94,5 +98,5 @@ class FedPer(Method):
 
     def arrays(self) -> Arrays:
         S = self.n_shared * self.setup.ctx_shape[1]
-        return Arrays(up=(Array("shared", S), Array("n_samples", 1)),
+        return Arrays(up=(Array("shared", S), *sample_count_array(self.cfg)),
                       eval_down=(Array("global_shared", S, broadcast=True),))
