@@ -74,9 +74,12 @@ class Build:
         if d.clip <= 0:
             return
         server = self.method.server()
-        self.dp_rates = np.array([len(server.participants(r)) / self.N for r in range(self.method.rounds())])
+        # a method that uploads nothing (local, zeroshot) releases nothing: rate 0, ε 0
+        self.dp_releases = bool(self.method.arrays().up)
+        self.dp_rates = np.array([len(server.participants(r)) / self.N * self.dp_releases
+                                  for r in range(self.method.rounds())])
         sigma = d.noise_multiplier
-        if d.epsilon > 0:
+        if d.epsilon > 0 and self.dp_releases:
             try:
                 sigma = dp.noise_for(d.epsilon, d.delta, self.dp_rates, orders=dp.ORDERS)
             except ValueError as e:
@@ -92,7 +95,7 @@ class Build:
             self.dp_sensitivity = d.clip
         self.dp_noise = float(sigma)
         setup.dp_noise, setup.dp_sensitivity = self.dp_noise, self.dp_sensitivity
-        if sigma <= 0:
+        if sigma <= 0 and self.dp_releases:
             self.dp_epsilon = np.full(len(self.dp_rates), np.inf)
             return
         self.dp_accountant = dp.Accountant(sigma, d.delta, dp.ORDERS)
@@ -104,7 +107,7 @@ class Build:
         function of the seed and r); NaN without DP."""
         if self.dp_epsilon is None:
             return float("nan")
-        self.dp_rates[round_] = n_participants / self.N
+        self.dp_rates[round_] = n_participants / self.N * self.dp_releases
         if self.dp_accountant is None:          # clipping without noise
             return float("inf")
         return self.dp_accountant.epsilon(self.dp_rates[:round_ + 1])

@@ -278,9 +278,10 @@ class ClientPart:
         return {} if self.cfg.dp.clip > 0 else {"n_samples": [len(data.train_y)]}
 
     def gradient_clip(self) -> float:
-        """C, the L2 bound of each local step's gradient of the uploaded rows; 0: no clipping."""
+        """C, the L2 bound of each local step's gradient of the uploaded rows; 0: no clipping (also
+        for a method that uploads nothing: its training releases nothing)."""
         d = self.cfg.dp
-        return d.clip if d.clip > 0 and d.mechanism == "gradient" else 0.0
+        return d.clip if d.clip > 0 and d.mechanism == "gradient" and self.method.arrays().up else 0.0
 
     def released_rows(self) -> slice:
         """The rows of the prompt a participant uploads (their gradient is what dp clips)."""
