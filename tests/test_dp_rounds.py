@@ -109,6 +109,9 @@ def test_fedotp_round_zero_is_accounted_at_rate_one(tmp_path, keep_signals, monk
     assert "RdpAccountant" in a["dp_accountant"] and "upper bound" in a["dp_accountant"]
     assert a["dp_accounting_version"] == version("dp-accounting")
     assert np.array_equal(a["dp_orders"], np.array(INTEGER_ORDERS, np.float64))
+    from pfedmoap.analysis import report_main
+    text = report_main([str(tmp_path / "run")], "table")
+    assert "DP ε: neighbours add/remove one client (client-level); an upper bound" in text
 
 
 def test_budget_is_calibrated_on_the_per_round_rates(tmp_path, keep_signals):
