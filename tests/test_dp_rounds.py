@@ -4,7 +4,10 @@ and the neighbouring relation."""
 from __future__ import annotations
 
 import math
+import os
 import signal
+import subprocess
+import sys
 from importlib.metadata import version
 
 import numpy as np
@@ -131,3 +134,30 @@ def test_dp_off_records_no_dp_attributes(tmp_path, keep_signals):
     assert np.isnan(res["rounds"]["dp_epsilon"]).all()
     assert not any(k.startswith("dp_") and k not in ("dp_noise_multiplier", "dp_delta", "dp_epsilon")
                    for k in res["attrs"])
+
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+
+
+@pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec beside the venv's python")
+def test_a_dp_run_is_identical_at_1_and_3_ranks(tmp_path):
+    """The gradient mechanism (per-step clip, noise keyed by (seed, round, client), one sensitivity for
+    the run) and the per-round accounting give the same run at any rank count."""
+    sets = ["algorithm=pfedmoap", "model.name=tiny-clip", "model.pretrained=", "data.dataset=synthetic",
+            "data.n_clients=5", "data.n_train=200", "data.n_test=50", "data.min_size=5", "data.cache_dir=",
+            "rounds=3", "train.local_epochs=1", "train.frac=0.6", "moe.n_experts=3", "run.threads=1",
+            "prompt.n_ctx=4", "dp.clip=0.5", "dp.epsilon=20", "dp.delta=0.05"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    got = {}
+    for ranks in (0, 3):
+        args = [sys.executable, "-m", "pfedmoap.cli", "run", "--out", str(tmp_path / f"r{ranks}")]
+        for s in sets:
+            args += ["--set", s]
+        p = subprocess.run(([MPIEXEC, "-n", "3"] if ranks else []) + args, capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        got[ranks] = store.read_results(tmp_path / f"r{ranks}")
+    for key in ("accuracy", "loss", "experts", "participated", "bytes_up", "bytes_down", "dp_epsilon"):
+        np.testing.assert_array_equal(got[3]["rounds"][key], got[0]["rounds"][key], err_msg=key)
+    for key in ("dp_noise_multiplier", "dp_sensitivity", "dp_epsilon"):
+        assert got[3]["attrs"][key] == got[0]["attrs"][key], key

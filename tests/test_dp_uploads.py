@@ -165,3 +165,11 @@ def test_aggregated_gate_is_refused_under_dp(tmp_path, keep_signals, capsys):
     assert err == ["error: moe.aggregate_gate = true with dp.clip > 0: the gating network would be uploaded "
                    "without clipping or noise; set moe.aggregate_gate = false to run with DP"]
     assert not (tmp_path / "run" / store.RESULTS).exists()
+
+
+def test_unknown_mechanism_is_one_config_error():
+    from pfedmoap import config
+    from pfedmoap.errors import PFedMoAPError
+    with pytest.raises(PFedMoAPError, match=r"^dp\.mechanism = 'noise': expected one of gradient, upload$"):
+        config.load(None, ["dp.mechanism=noise", "dp.clip=1"])
+    assert config.load(None, []).dp.mechanism == "gradient"          # the paper's, by default

@@ -164,8 +164,8 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
             orders: Optional[Sequence[float]] = None) -> float:
     """Client-level epsilon spent after `steps` rounds at `delta` (RDP accountant of dp-accounting).
 
-    noise_multiplier: sigma = noise std / clip (dp.noise_multiplier); 0 gives inf.
-    sample_rate: q, the per-round participation rate (train.frac).
+    noise_multiplier: sigma = noise std / the upload's sensitivity (dp.noise_multiplier); 0 gives inf.
+    sample_rate: q, the per-round participation rate (participants / N).
     steps: number of rounds run so far; 0 gives 0.
     orders: RDP orders (default: the library's DEFAULT_RDP_ORDERS).
     """

@@ -13,7 +13,7 @@ As the reference (federated_main.py, model "FedOTP"):
 * Round 0 trains every client (`fedotp.all_clients_first_round`, default on), later rounds a
   `train.frac` sample; participants start from the current global prompt and their own local one.
 * Only the global prompt travels: downloaded by the participants, uploaded with the sample count
-  (FedAvg weights), so a participant uploads 4 (P + 1) bytes.
+  (FedAvg weights; not under DP), so a participant uploads 4 (P + 1) bytes (4 P under DP).
 * Evaluation, every client every round: the new global prompt (the FedAvg just computed, sent to
   every client) with the client's own local prompt as it last trained it. The client also keeps
   that global prompt as its own (the reference's `local_weights_per`).
