@@ -87,9 +87,7 @@ class Build:
         if d.mechanism == "gradient":
             # every upload gets the noise of the largest sensitivity any client's local steps have,
             # so that the noise level says nothing about a client's number of steps
-            t = self.cfg.train
-            per_unit = max(dp.gradient_sensitivity(self.client.step_lrs(int(n)), t.momentum, t.weight_decay)
-                           for n in np.unique(self.n_train))
+            per_unit = max(self.client.upload_sensitivity(int(n)) for n in np.unique(self.n_train))
             self.dp_sensitivity = d.clip * per_unit
         else:
             self.dp_sensitivity = d.clip

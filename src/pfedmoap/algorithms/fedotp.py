@@ -30,12 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import dp, rng
+from .. import rng
 from ..config import register_section
 from ..errors import PFedMoAPError
 from ..ot import METHODS, STOPS, OTOptions, ot_logits
 from . import register
 from .base import ClientPart, Method, PromptState
+from .training import Group
 from .coop import PromptFLServer, prompt_exchange
 
 
@@ -125,37 +126,24 @@ class Client(ClientPart):
         self.train_pair(state, data, round_, cid)
         return {"prompt": self.upload_prompt(state.ctx, round_, cid), **self.upload_count(data)}
 
+    def released_rows(self):
+        return 0                            # the pair's global prompt (the local one never leaves)
+
     def train_pair(self, state: State, data, round_: int, cid: int) -> float:
-        """CoOp's local training (ClientPart.train_prompt's schedule, batches and SGD) of the
-        (global, local) pair on the OT logits. Returns the mean loss (NaN without training images)."""
-        t = self.cfg.train
+        """CoOp's local training (local_train with the prompt's recipe) of the (global, local) pair,
+        one (2, n_ctx, W) tensor, on the OT logits of the patch features. Returns the mean loss
+        (NaN without training images)."""
         self._local.pop(cid, None)          # its local prompt changes
-        n = len(data.train_y)
-        if n == 0:
+        if len(data.train_y) == 0:
             return float("nan")
         if data.train_dense is None:
             raise RuntimeError("fedotp needs dense image features (Method.image_features = 'dense')")
         pair = torch.stack([state.ctx, state.local]).clone().requires_grad_(True)
-        opt = torch.optim.SGD([pair], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        gen = rng.torch_generator(self.cfg.seed, "batches", round_, cid)
-        bs = min(t.batch_size, n)
-        clip = self.gradient_clip()        # dp.mechanism "gradient": on the global prompt's gradient only
-        losses = []
-        for epoch in range(t.local_epochs):
-            for g in opt.param_groups:
-                g["lr"] = self.lr_at(epoch)
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n - bs + 1, bs):        # the last partial batch dropped, as CoOp
-                idx = perm[start:start + bs]
-                loss = F.cross_entropy(self.logits(self._texts(pair), data.train_dense[idx]), data.train_y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip:
-                    dp.clip_gradient_(pair.grad[0], clip)
-                opt.step()
-                losses.append(float(loss.detach()))
+        loss = self.local_train([Group([pair], self.recipe())],
+                                lambda x, y: F.cross_entropy(self.logits(self._texts(pair), x), y),
+                                data, round_, cid, inputs=lambda epoch, gen: data.train_dense)
         state.ctx, state.local = pair[0].detach().clone(), pair[1].detach().clone()
-        return float(np.mean(losses)) if losses else float("nan")
+        return loss
 
     def evaluate(self, state: State, data, round_, cid, down):
         g = down["global_prompt"]

@@ -31,6 +31,7 @@ from ..errors import PFedMoAPError
 from . import register
 from .base import (Array, Arrays, Broadcast, ClientPart, Log, Method, PerClient, PromptState, ServerPart,
                    fedavg, sample_count_array, sample_counts)
+from .training import Group, Recipe
 
 
 @register_section("moe")
@@ -178,7 +179,7 @@ class Client(ClientPart):
 
     def init_state(self, cid: int) -> State:
         ctx = super().init_state(cid).ctx
-        m, t = self.m, self.cfg.train
+        m = self.m
         # shared: one init for every client, as the reference's single model gives them
         key = rng.key(self.cfg.seed, "gating-init", 0, cid if m.gating_init == "per_client" else 0)
         with torch.random.fork_rng(devices=[]):
@@ -189,12 +190,16 @@ class Client(ClientPart):
                 gating = GatingNetwork(self.backbone.embed_dim, m.gating_dim, m.gating_heads, m.scaling)
             gating = gating.to(self.backbone.device)
         # The gating optimiser belongs to the client and persists across rounds.
-        opt = torch.optim.SGD(gating.parameters(), lr=m.gating_lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        opt = self.gating_recipe().sgd(gating.parameters())
         for p in gating.parameters():
             # A zero buffer is what SGD's first step (dampening 0) would create: explicit, so the
             # state has a fixed shape for checkpoints.
             opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
         return State(ctx=ctx, gating=gating, gating_opt=opt)
+
+    def gating_recipe(self) -> Recipe:
+        """The gating network's: SGD at the constant `moe.gating_lr`, [train]'s momentum and weight decay."""
+        return Recipe.from_train(self.cfg.train, lr=self.m.gating_lr, schedule="constant")
 
     def state_tensors(self, state: State) -> list[torch.Tensor]:
         params = list(state.gating.parameters())
@@ -238,7 +243,8 @@ class Client(ClientPart):
         if "global_gating" in down:
             self.load_gating(state, down["global_gating"])
         lam = self.m.lam
-        self.train_prompt(state, data, round_, cid, others=(state.gating_opt,),
+        gate = Group(list(state.gating.parameters()), self.gating_recipe(), state.gating_opt)
+        self.train_prompt(state, data, round_, cid, others=(gate,),
                           logits=lambda own, x: moe_logits(state.gating, x, self._mixture(own, cid),
                                                            self.logit_scale, lam)[0])
         up = {"prompt": self.upload_prompt(state.ctx, round_, cid), **self.upload_count(data)}
