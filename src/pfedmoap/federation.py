@@ -45,9 +45,11 @@ class Outcome:
 
 def run_hash(cfg: Config) -> str:
     """The run's identity (checkpoints, results.h5 `config_hash`): Config.hash, which leaves out [run],
-    plus a non-default evaluation schedule. Skipping a client's evaluation can change what it trains
-    from next (a method may update a client's state from its evaluation downloads), so a checkpoint
-    of another schedule is refused on resume; the default schedule keeps the plain hash."""
+    plus a non-default evaluation schedule. The schedule changes no training (no method's training
+    depends on its evaluation: tests/test_eval_invariance.py), but it decides which rounds results.h5
+    holds evaluated and so what `report` computes from them (acc last 5 on the rounds that evaluated
+    every client); so a run is resumed only under the schedule that wrote it, and the identities of
+    runs already written stay valid. The default schedule keeps the plain hash."""
     run = cfg.run
     if run.eval_every == 1 and run.eval_clients == "all":
         return cfg.hash()

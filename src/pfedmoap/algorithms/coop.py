@@ -70,11 +70,12 @@ class PromptFLClient(ClientPart):
         return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
 
 
-def prompt_exchange(P: int, evaluate_global: bool, cfg) -> Arrays:
+def prompt_exchange(P: int, evaluate_global: bool, cfg=None) -> Arrays:
     """The arrays of a prompt-averaging method: the global prompt down, prompt + sample count
-    (not under DP) up."""
+    (not under DP: pass the run's cfg) up."""
     g = Array("global_prompt", P, broadcast=True)
-    return Arrays(fit_down=(g,), up=(Array("prompt", P), *sample_count_array(cfg)),
+    counts = (Array("n_samples", 1),) if cfg is None else sample_count_array(cfg)
+    return Arrays(fit_down=(g,), up=(Array("prompt", P), *counts),
                   eval_down=(g,) if evaluate_global else ())
 
 

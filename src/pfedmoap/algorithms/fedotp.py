@@ -15,8 +15,10 @@ As the reference (federated_main.py, model "FedOTP"):
 * Only the global prompt travels: downloaded by the participants, uploaded with the sample count
   (FedAvg weights; not under DP), so a participant uploads 4 (P + 1) bytes (4 P under DP).
 * Evaluation, every client every round: the new global prompt (the FedAvg just computed, sent to
-  every client) with the client's own local prompt as it last trained it. The client also keeps
-  that global prompt as its own (the reference's `local_weights_per`).
+  every client) with the client's own local prompt as it last trained it. The reference's client
+  also keeps that global prompt as its own (`local_weights_per`); here it takes it when it next
+  trains (the download before training), which is what the reference's next training starts from,
+  so that evaluation changes no client state (issue 21).
 
 Differences: the OT plan is solved in the log domain with a per-problem stop by default (see
 `pfedmoap.ot`); the reference's optimiser state is shared across clients by its single trainer
@@ -150,7 +152,6 @@ class Client(ClientPart):
         if self._global is None or self._global[0] != round_:        # once per rank and round
             with torch.no_grad():
                 self._global = (round_, self.encoder(self.prompt(g)))
-        state.ctx = self.prompt(g)          # the client keeps the new global prompt (reference)
         if cid not in self._local:
             with torch.no_grad():
                 self._local[cid] = self.encoder(state.local)

@@ -7,8 +7,9 @@ Client: its prompt, its gating network and the gating network's optimiser, which
 (unless the `moe.aggregate_gate` ablation FedAvgs the gating networks like the prompt).
 
 Participation (`moe.participation`), see docs/differences.md:
-- "paper" (default, the paper's §3 and the reference loop): a first-time participant (no entry
-  in the pool) trains the global prompt without experts and uploads it; a returning participant
+- "paper" (default: the paper's §3, and what the reference loop is written to do; its code does
+  otherwise in places, docs/differences.md): a first-time participant (no entry in the pool)
+  trains the global prompt without experts and uploads it; a returning participant
   trains with experts routed on the pool as it stood at the start of the round; after the round's
   uploads, a non-participant whose gating network has trained is evaluated with experts routed
   on the updated pool, one whose gate never trained with its prompt alone, and a client that never
