@@ -6,7 +6,8 @@ The recording was made on one CPU; the suite meets others, whose SIMD kernels su
 another order (issue 19). So a replay is compared as `exchange_cases.compare` says: integers, masks
 and bytes exactly, loss and accuracy within tolerances stated (with their reasons) there, knn
 expert ids exactly except where the recorded distances tie within float32 rounding. One process and
-three ranks on the same machine must agree bit for bit."""
+three ranks on the same machine must agree bit for bit. What issue 21 stopped sending is taken
+off the recording explicitly (`as_sent_since_issue_21`)."""
 from __future__ import annotations
 
 import os
@@ -22,6 +23,30 @@ sys.path.insert(0, str(HERE / "fixtures"))
 import exchange_cases  # noqa: E402
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+
+# Issue 21 changed what travels, on purpose; the recording is adjusted for it exactly
+# (`as_sent_since_issue_21`) before the replay is compared with it:
+# - pFedMoAP's experts go to the clients without their ids (int32, one per expert slot, sent to
+#   every routed client: in the pinned "snapshot" participation every client, every round);
+# - under DP the sample count (one int32 per participant) is no longer uploaded, and FedAvg weighs
+#   the noised uploads equally, which changes these cases' science by design: their accuracy, loss
+#   and experts are not compared with the recording (tests/test_dp_*.py check DP runs; the
+#   1-vs-3-ranks test below still compares every array of them).
+DP_CASES = ("pp-pfedmoap-dp", "pp-promptfl-dp")
+
+
+def as_sent_since_issue_21(recorded: dict) -> dict:
+    out = dict(recorded)
+    for case in exchange_cases.CASES:
+        ex = recorded.get(f"{case}/experts")
+        if ex is not None and ex.shape[-1]:
+            out[f"{case}/bytes_down"] = recorded[f"{case}/bytes_down"] - 4 * ex.shape[-1]
+        if case in DP_CASES:
+            up = recorded[f"{case}/bytes_up"]
+            out[f"{case}/bytes_up"] = up - 4 * recorded[f"{case}/participated"].astype(up.dtype)
+            for f in ("accuracy", "loss", "experts", "knn_distance", "knn_unit"):
+                out.pop(f"{case}/{f}", None)
+    return out
 
 
 def _recording() -> dict:
@@ -51,9 +76,9 @@ def replay(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [0, 3])        # 0: plain python, no mpiexec
 def test_exchange_matches_the_recording(replay, ranks):
-    problems, checked = exchange_cases.compare(_recording(), replay(ranks))
+    problems, checked = exchange_cases.compare(as_sent_since_issue_21(_recording()), replay(ranks))
     assert not problems, "\n".join(problems)
-    assert checked == 70                     # every case ran and was compared
+    assert checked == 70 - 5                 # every case ran and was compared (less the DP cases' science)
 
 
 @pytest.mark.slow

@@ -140,6 +140,7 @@ class Row:
     note: str = ""
     dp_epsilon: Stat | None = None   # DP runs: the (client-level) ε spent by the last round written
     dp_delta: float | None = None
+    dp_neighbours: str | None = None  # the neighbouring relation the ε assumes (attribute dp_neighbours)
 
 
 @dataclass
@@ -220,7 +221,13 @@ def _summarize_group(group: Group) -> Row:
     epsilons = [dp_epsilon(r) for r in runs]
     if all(e is not None for e in epsilons):
         row.dp_epsilon, row.dp_delta = Stat.of(epsilons), float(first.attrs.get("dp_delta", np.nan))
+        row.dp_neighbours = dp_neighbours(first)
     return row
+
+
+def dp_neighbours(run: Run) -> str:
+    """The neighbouring relation of a DP run's ε (files before issue 21 assumed the same)."""
+    return str(run.attrs.get("dp_neighbours", "add/remove one client (client-level)"))
 
 
 def dp_epsilon(run: Run) -> float | None:
@@ -259,6 +266,9 @@ def format_table(rows: list[Row], fmt: str = "table") -> str:
         columns.append("DP ε (δ)")
         cells = [c + [_dp_cell(row)] for c, row in zip(cells, rows)]
     notes = [row.note for row in rows if row.note]
+    relations = sorted({row.dp_neighbours for row in rows if row.dp_neighbours})
+    if relations:
+        notes.append(f"DP ε: neighbours {' / '.join(relations)}; an upper bound (RDP accountant), see docs/privacy.md")
     if fmt == "markdown":
         lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cell) + " |" for cell in cells]
@@ -704,8 +714,10 @@ def paper_table(table, paths) -> PaperTable:
         deltas = sorted({float(r.attrs.get("dp_delta", np.nan)) for r in every if dp_epsilon(r) is not None})
         spread = f"{min(epsilons):.2f}" if max(epsilons) - min(epsilons) < 5e-3 else \
             f"{min(epsilons):.2f} to {max(epsilons):.2f}"
+        relations = sorted({dp_neighbours(r) for r in every if dp_epsilon(r) is not None})
         notes.append(f"DP: {len(epsilons)} run(s) with DP, ε at the last round {spread} "
-                     f"(δ = {', '.join(f'{d:g}' for d in deltas)})")
+                     f"(δ = {', '.join(f'{d:g}' for d in deltas)}; neighbours {' / '.join(relations)}; "
+                     f"an upper bound)")
     if outside:
         notes.append(f"{len(outside)} run(s) under {table.name}/ but not one of its cells "
                      f"(<OUT>/{table.name}/<column>/<row>/seed<k>) not used, e.g. {outside[0]}")
