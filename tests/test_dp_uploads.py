@@ -16,7 +16,8 @@ from pfedmoap import algorithms, cli, dp, exchange, store  # noqa: E402
 SMALL = ["model.name=tiny-clip", "model.pretrained=", "data.dataset=synthetic", "data.n_clients=6",
          "data.n_train=120", "data.n_test=30", "data.min_size=5", "data.cache_dir=", "data.augment=none",
          "data.augment_views=0", "prompt.n_ctx=4", "rounds=2", "train.local_epochs=1", "train.frac=0.5",
-         "run.threads=1", "seed=3", "moe.n_experts=3", "moe.participation=paper"]
+         "run.threads=1", "seed=3"]
+MOE = ["moe.n_experts=3", "moe.participation=paper"]      # pfedmoap's own options
 DP = ["dp.clip=0.5", "dp.noise_multiplier=0.8"]
 
 
@@ -80,7 +81,7 @@ class Spy:
 
 def _run(tmp_path, sets):
     args = ["run", "--out", str(tmp_path / "run")]
-    for s in [*SMALL, *sets]:
+    for s in [*SMALL, *(MOE if "algorithm=pfedmoap" in sets else ()), *sets]:
         args += ["--set", s]
     assert cli.main(args) == 0
     return store.read_results(tmp_path / "run")
@@ -137,7 +138,7 @@ def _no_expert_ids(spy, method):
 def test_client_part_caches_experts_by_their_bytes(tiny_backbone):
     """Two clients sent the same expert row share one encoding; different rows are encoded apart."""
     from pfedmoap import config
-    from pfedmoap.algorithms import Setup
+    from pfedmoap.algorithms.base import Setup
     from pfedmoap.clip.prompt import PromptEncoder
     cfg = config.load(None, ["algorithm=pfedmoap", "prompt.n_ctx=4", "moe.n_experts=3"])
     enc = PromptEncoder(tiny_backbone, ["a", "b", "c"], 4)
@@ -158,7 +159,7 @@ def test_client_part_caches_experts_by_their_bytes(tiny_backbone):
 
 def test_aggregated_gate_is_refused_under_dp(tmp_path, keep_signals, capsys):
     args = ["run", "--out", str(tmp_path / "run")]
-    for s in [*SMALL, "algorithm=pfedmoap", "moe.aggregate_gate=true", *DP]:
+    for s in [*SMALL, *MOE, "algorithm=pfedmoap", "moe.aggregate_gate=true", *DP]:
         args += ["--set", s]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

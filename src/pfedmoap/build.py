@@ -74,7 +74,7 @@ class Build:
         # a method that uploads nothing (local, zeroshot) releases nothing: rate 0, ε 0
         self.dp_releases = bool(self.method.arrays().up)
         self.dp_rates = np.array([len(server.participants(r)) / self.N * self.dp_releases
-                                  for r in range(self.method.rounds())])
+                                  for r in range(self.manifest.rounds_for(self.cfg))])
         sigma = d.noise_multiplier
         if d.epsilon > 0 and self.dp_releases:
             try:
