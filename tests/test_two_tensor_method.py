@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from pfedmoap import algorithms, config, rng, store
-from pfedmoap.algorithms import Method, PromptState
-from pfedmoap.algorithms.base import ClientPart
-from pfedmoap.algorithms.coop import PromptFLServer, prompt_exchange
+from pfedmoap.algorithms import Manifest
+from pfedmoap.algorithms.base import ClientPart, Method, PromptState
+from pfedmoap.algorithms.coop.method import PromptFLServer, prompt_exchange
 from pfedmoap.algorithms.training import Group, Recipe
 from pfedmoap.comm import LocalComm
+from pfedmoap.config import run_hash
 from pfedmoap.errors import PFedMoAPError
-from pfedmoap.federation import Federation, run_hash
+from pfedmoap.federation import Federation
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -34,7 +35,6 @@ NAME, SECTION = "toy-lowrank", "toy_lowrank"
 
 # ---------------------------------------------------------------------------- the method
 
-@config.register_section(SECTION)
 @dataclass
 class LowRankOptions:
     rank: int = 2                 # r: the correction is U (n_ctx, r) @ V (r, W)
@@ -54,12 +54,9 @@ class LowRankState(PromptState):
 
 
 class LowRankClient(ClientPart):
-    def options(self) -> LowRankOptions:
-        return getattr(self.cfg, SECTION)
-
     def init_state(self, cid):
         ctx = super().init_state(cid).ctx
-        r = self.options().rank
+        r = self.options.rank
         gen = rng.torch_generator(self.cfg.seed, "toy-lowrank-init", 0, cid)
         return LowRankState(ctx=ctx, u=0.01 * torch.randn(ctx.shape[0], r, generator=gen),
                             v=torch.zeros(r, ctx.shape[1]))
@@ -71,7 +68,7 @@ class LowRankClient(ClientPart):
         if "global_prompt" in down:
             state.ctx = self.prompt(down["global_prompt"])
         ctx, u, v = (t.clone().requires_grad_(True) for t in (state.ctx, state.u, state.v))
-        correction = Recipe.from_train(self.cfg.train, lr=self.options().lr, schedule="constant")
+        correction = Recipe.from_train(self.cfg.train, lr=self.options.lr, schedule="constant")
         self.local_train([Group([ctx], self.recipe()), Group([u, v], correction)],
                          lambda x, y: F.cross_entropy(self.logit_scale * x @ self.encoder(ctx + u @ v).t(), y),
                          data, round_, cid)
@@ -85,14 +82,16 @@ class LowRankClient(ClientPart):
         return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
 
 
-@algorithms.register
 class LowRank(Method):
     """Global prompt (FedAvg) + a personal low-rank correction U V that never travels."""
-    name = NAME
     Server, Client = PromptFLServer, LowRankClient
 
     def arrays(self):
         return prompt_exchange(self.setup.prompt_size, evaluate_global=True)
+
+
+algorithms.register(Manifest(NAME, LowRank, section=SECTION, options=LowRankOptions,
+                             summary="global prompt + a personal low-rank correction (a test's method)"))
 
 
 # ---------------------------------------------------------------------------- runs
@@ -111,7 +110,7 @@ class Trace:
 
     def __init__(self, run_dir: Path):
         self.cfg = config.load(None, SETS)
-        fed = self.fed = Federation(self.cfg, LocalComm(), log=lambda *a: None)
+        fed = self.fed = Federation(self.cfg, LocalComm())
         client, server = fed.client, fed.server
         self.fits, self.received = [], []
 
@@ -138,7 +137,7 @@ def traced(tmp_path_factory):
 
 
 def test_both_tensors_train_with_their_own_options(traced):
-    assert getattr(traced.cfg, SECTION).rank == RANK
+    assert isinstance(traced.cfg.options, LowRankOptions) and traced.cfg.options.rank == RANK
     for e in traced.fits:
         (ctx0, u0, v0), (ctx1, u1, v1) = e["before"], e["after"]
         assert u1.shape == (N_CTX, RANK) and v1.shape == (RANK, W)
@@ -195,7 +194,7 @@ def test_identical_at_one_and_three_ranks(tmp_path, traced):
 def _hashes_without_the_toy() -> dict[str, str]:
     code = ("import json, sys\n"
             "from pfedmoap import algorithms, config\n"
-            "from pfedmoap.federation import run_hash\n"
+            "from pfedmoap.config import run_hash\n"
             "print(json.dumps({m: run_hash(config.load(None, [f'algorithm={m}'])) for m in algorithms.names()}))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -207,3 +206,4 @@ def test_registering_it_changes_no_other_methods_run_hash():
     assert NAME not in without and len(without) >= 9
     here = {m: run_hash(config.load(None, [f"algorithm={m}"])) for m in without}
     assert here == without
+    assert SECTION not in config.load(None, ["algorithm=promptfl"]).to_toml()     # only the run's own options

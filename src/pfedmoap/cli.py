@@ -5,6 +5,7 @@ Bad input anywhere is one line `error: ...` and exit code 2, on every rank.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import signal
@@ -12,7 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import algorithms
 from .errors import PFedMoAPError, ReportedElsewhere
+
+
+log = logging.getLogger(__name__)
 
 
 class _UsageError(PFedMoAPError):
@@ -37,10 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pfedmoap", description="Personalized federated prompt learning for CLIP "
                                 "(pFedMoAP and baselines) on MPI clusters.")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a configuration (no CONFIG: the embedded quick-start)")
+    v = _Parser(add_help=False)         # every command: how much the library tells on the console
+    v.add_argument("-v", "--verbose", action="count", default=0, help="more messages (e.g. phase times per round)")
+    v.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
+    run = sub.add_parser("run", parents=[v], help="run a configuration (no CONFIG: the embedded quick-start)")
     run.add_argument("config", nargs="?", help="TOML file")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set algorithm=pfedmoap --set data.beta=0.1")
+                     help="override a config key, e.g. --set data.beta=0.1 --set algorithm=NAME (NAME: "
+                          f"{', '.join(m.name for m in algorithms.manifests())})")
     run.add_argument("--out", help="run directory (default: the config's `out`)")
     run.add_argument("--if-exists", choices=("refuse", "resume", "overwrite"), default="refuse",
                      help="when the run directory already holds a run (default: refuse)")
@@ -52,9 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tables", metavar="FILE", help="with --table: the tables file (default: the packaged one)")
     run.add_argument("--index", type=int, action="append", default=[], metavar="I",
                      help="with --table: only run I (repeatable; pfedmoap table runs TABLE lists them)")
-    res = sub.add_parser("resume", help="continue a run from its checkpoint")
+    res = sub.add_parser("resume", parents=[v], help="continue a run from its checkpoint")
     res.add_argument("run_dir")
-    rep = sub.add_parser("report", help="tables (and figures) from finished or running runs")
+    rep = sub.add_parser("report", parents=[v], help="tables (and figures) from finished or running runs")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--format", choices=("table", "csv", "markdown", "latex"), default="table",
                      help="latex: with --table only")
@@ -64,14 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--plot", metavar="DIR", help="write PNG figures to DIR")
     rep.add_argument("--follow", action="store_true", help="one run being written: print each round as it "
                      "lands, until the run is complete or stopped (or Ctrl-C)")
-    sub.add_parser("info", help="versions, MPI library, world size, devices")
+    sub.add_parser("info", parents=[v], help="versions, MPI library, world size, devices")
     data = sub.add_parser("data", help="data-set tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    chk = dsub.add_parser("check", help="validate a data root and print per-split counts")
+    chk = dsub.add_parser("check", parents=[v], help="validate a data root and print per-split counts")
     chk.add_argument("--dataset", required=True)
     chk.add_argument("--root", default="")
     chk.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    tab = sub.add_parser("table", help="the paper's tables: list them, or one table's runs")
+    tab = sub.add_parser("table", parents=[v], help="the paper's tables: list them, or one table's runs")
     tab.add_argument("action", choices=("list", "runs"))
     tab.add_argument("name", nargs="?", metavar="TABLE")
     tab.add_argument("--tables", metavar="FILE", help="the tables file (default: the packaged one)")
@@ -98,17 +107,21 @@ def _configs(args) -> list:
         if len(todo) < len(cfgs) and comm_mod.launcher_rank() == 0:
             print(f"# table {args.table}: {len(cfgs) - len(todo)} of {len(cfgs)} runs already complete: kept")
         return todo
+    from . import algorithms
     base = None if args.config else config.QUICKSTART
-    cfg = config.load(args.config, args.sets, base=base, overlays=args.overlays)
+    picked = any(s.split("=", 1)[0].strip() == "algorithm" for s in args.sets)
+    single = bool(args.config or picked or args.overlays)
+    # --set of another method's key: refused for one run; in the quick-start it goes to the methods it belongs to
+    cfg = config.load(args.config, args.sets, base=base, overlays=args.overlays,
+                      other_methods="refuse" if single else "skip")
     if args.out:
         cfg.out = args.out
-    picked = any(s.split("=", 1)[0].strip() == "algorithm" for s in args.sets)
-    if args.config or picked or args.overlays:
+    if single:
         return [cfg]
     # The quick-start compares every method on the same split, seed and budget.
     out = []
-    for name in config.QUICKSTART_ALGORITHMS:
-        c = config.load(None, args.sets + [f"algorithm={name}"], base=config.QUICKSTART)
+    for name in [m.name for m in algorithms.manifests() if m.quickstart]:
+        c = config.load(None, args.sets + [f"algorithm={name}"], base=config.QUICKSTART, other_methods="skip")
         c.out = str(Path(cfg.out) / name)
         out.append(c)
     return out
@@ -117,19 +130,20 @@ def _configs(args) -> list:
 def _run(configs, comm, if_exists: str) -> int:
     from . import config, federation
     from .data.partition import partition_summary
-    say = print if comm.rank == 0 else (lambda *a, **k: None)
+    say = log.info if comm.rank == 0 else (lambda *a, **k: None)      # the run's progress (-q hides it)
     if not configs:                       # run --table --if-exists resume: every run was complete
         say("nothing left to run")
         return 0
     outcomes = []
     for cfg in configs:
         say(_header(cfg, comm.size))
-        fed = federation.Federation(cfg, comm, log=say)
+        fed = federation.Federation(cfg, comm)
         say(_clip_lines(partition_summary(fed.partition, fed.dataset), 21))
         outcome = fed.run(cfg.out, if_exists)
         outcomes.append((cfg, outcome))
         if outcome.status == "stopped":
-            say(f"stopped on a signal; checkpoint written to {cfg.out}; resume with: pfedmoap resume {cfg.out}")
+            if comm.rank == 0:
+                print(f"stopped on a signal; checkpoint written to {cfg.out}; resume with: pfedmoap resume {cfg.out}")
             return federation.EXIT_STOPPED
     if comm.rank == 0:
         print(_final_table(outcomes))
@@ -178,7 +192,7 @@ def _final_table(outcomes) -> str:
     lines = ["", "mean client accuracy per round (%)", head, "-" * len(head)]
     for cfg, o in outcomes:
         accs = {i: a for i, a in enumerate(o.mean_accuracy)}
-        # a one-round method (zeroshot) is shown at every round for comparison
+        # a one-round method (a frozen model evaluated once) is shown at every round for comparison
         cells = (accs.get(i, o.mean_accuracy[-1]) for i in shown)   # NaN: a round that evaluated nobody
         lines.append(f"{cfg.algorithm:<12}" + "".join(f"{100 * a:8.2f}" if a == a else f"{'-':>8}" for a in cells))
     domains = list(outcomes[0][1].domain_accuracy)
@@ -209,24 +223,32 @@ def _resume(run_dir: str, comm) -> int:
 
 
 def _info(comm) -> int:
+    """Versions, methods, world and devices. What needs no torch is printed before torch is imported
+    (seconds on a loaded node)."""
+    from . import __version__, comm as comm_mod, store
+    say = print if comm.rank == 0 else (lambda *a, **k: None)
+    say("\n".join([f"pfedmoap {__version__}", f"python {sys.version.split()[0]}",
+                   f"methods: {', '.join(m.name for m in algorithms.manifests())}",
+                   store.library_versions(), comm_mod.library_versions(), f"world size {comm.size}"]), flush=True)
     import open_clip
     import torch
-    from . import __version__, comm as comm_mod, store
-    lines = [f"pfedmoap {__version__}", f"python {sys.version.split()[0]}", f"torch {torch.__version__}",
-             f"open_clip {open_clip.__version__}", store.library_versions(), comm_mod.library_versions(),
-             f"world size {comm.size}"]
     cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    lines.append(f"devices: cpu ({torch.get_num_threads()} threads)" + "".join(f", cuda:{i} {n}" for i, n in enumerate(cuda)))
-    if comm.rank == 0:
-        print("\n".join(lines))
+    say("\n".join([f"torch {torch.__version__}", f"open_clip {open_clip.__version__}",
+                   f"devices: cpu ({torch.get_num_threads()} threads)"
+                   + "".join(f", cuda:{i} {n}" for i, n in enumerate(cuda))]))
     return 0
 
 
 def _data_check(args) -> int:
     from . import config
-    from .data.disk import check_root
+    from .data.disk import DataProblems, check_root
     cfg = config.load(None, args.sets + [f"data.dataset={args.dataset}"] + ([f"data.root={args.root}"] if args.root else []))
-    print(check_root(cfg.data))
+    try:
+        print(check_root(cfg.data))
+    except DataProblems as e:          # the description, the problems, then the error line
+        print(e.report, flush=True)
+        print(e.listing, file=sys.stderr, flush=True)
+        raise
     return 0
 
 
@@ -250,6 +272,27 @@ def _follow(run_dirs: list[str]) -> int:
     return 0
 
 
+class _Console(logging.StreamHandler):
+    """The library's messages as plain lines: on the current sys.stdout, warnings and errors on
+    sys.stderr as `warning: ...`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        self.setFormatter(logging.Formatter("warning: %(message)s" if record.levelno >= logging.WARNING
+                                            else "%(message)s"))
+        super().emit(record)
+
+
+def _console(verbosity: int) -> None:
+    """The library logs to module loggers under `pfedmoap`; the console shows INFO (the per-round
+    lines), DEBUG with -v, WARNING and above with -q. Other libraries' loggers are left as they are."""
+    log = logging.getLogger("pfedmoap")
+    if not any(isinstance(h, _Console) for h in log.handlers):    # main() may run several times in a process
+        log.addHandler(_Console())
+        log.propagate = False
+    log.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
+
+
 def _request_stop(*_args) -> None:
     from . import federation
     federation.request_stop()
@@ -264,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         if comm_mod.launcher_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    _console(args.verbose - args.quiet)
     if args.command in ("run", "resume"):
         # From the first moment: a preemption notice during start-up is honoured at the first
         # round's end instead of killing the rank.
