@@ -188,11 +188,15 @@ def test_fedper_shares_the_first_rows_and_keeps_the_last_personal(traced):
     shared = t.init[:k]
     for r in range(ROUNDS):
         fits = t.fits(r)
-        assert "global_shared" not in next(iter(fits.values()))["down"]     # nothing before training
+        starts = {e["c"]: e["start"] for e in t.train if e["r"] == r}
         for c, e in fits.items():
-            # training starts from the client's own prompt: last shared part + its personal rows
-            np.testing.assert_array_equal(_np(e["before"][:k]), _np(shared))
-            np.testing.assert_array_equal(_np(e["before"][k:]), _np(personal[c]))
+            # the newest shared part arrives before training (from round 2 on)
+            assert ("global_shared" in e["down"]) == (r > 0)
+            if r:
+                np.testing.assert_array_equal(e["down"]["global_shared"], _np(shared).reshape(-1))
+            # training starts from the newest shared part + the client's own personal rows
+            np.testing.assert_array_equal(_np(starts[c][:k]), _np(shared))
+            np.testing.assert_array_equal(_np(starts[c][k:]), _np(personal[c]))
             assert e["up"]["shared"].shape == (k * WIDTH,)                      # only the shared rows leave
             np.testing.assert_array_equal(e["up"]["shared"], _np(e["after"][:k]))
             assert not torch.equal(e["after"][k:], personal[c])                # it trained its personal rows
@@ -202,7 +206,7 @@ def test_fedper_shares_the_first_rows_and_keeps_the_last_personal(traced):
         np.testing.assert_array_equal(t.configure_evaluate[r]["out"]["global_shared"].row, expect)
         for c, e in t.evals(r).items():
             np.testing.assert_array_equal(e["down"]["global_shared"], expect)
-            np.testing.assert_array_equal(_np(e["after"][:k]), expect)        # shared rows: equal everywhere
+            assert torch.equal(e["after"], e["before"])                       # evaluation keeps the state
             assert torch.equal(e["after"][k:], personal[c])                   # personal rows: never aggregated
         shared = torch.from_numpy(expect).reshape(k, WIDTH)
     trained = [c for c in range(N) if not torch.equal(personal[c], t.init[k:])]
@@ -216,7 +220,9 @@ def test_fedper_shares_the_first_rows_and_keeps_the_last_personal(traced):
 def test_fedper_bytes_are_the_shared_part(cli_runs):
     rounds = cli_runs[("fedper", 0)]
     S = (N_CTX - N_CTX // 2) * WIDTH
-    np.testing.assert_array_equal(rounds["bytes_down"], np.full((ROUNDS, N), 4 * S))
+    part = rounds["participated"].astype(bool)
+    part[0] = False                                       # round 1: nothing to download before training
+    np.testing.assert_array_equal(rounds["bytes_down"], np.where(part, 8 * S, 4 * S))
     np.testing.assert_array_equal(rounds["bytes_up"], np.where(rounds["participated"], 4 * S + 4, 0))
 
 

@@ -109,8 +109,8 @@ class RunConfig:
     shared_prefix: bool = True    # exact fast path: encode [SOS]+ctx once for every class
     # Evaluation schedule: every eval_every-th round evaluates `eval_clients` ("all" clients, or only
     # the round's "participants"); the other rounds evaluate nobody; the last round evaluates every
-    # client. Not evaluated: NaN in results.h5 (/rounds/evaluated says who was). A schedule other than
-    # the default is part of the run's identity (federation.run_hash): it can change what some methods train.
+    # client. Not evaluated: NaN in results.h5 (/rounds/evaluated says who was). It never changes what is
+    # trained; a schedule other than the default is part of the run's identity (federation.run_hash).
     eval_every: int = 1
     eval_clients: str = "all"     # all | participants
 
