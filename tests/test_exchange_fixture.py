@@ -132,25 +132,28 @@ def test_integers_and_masks_must_be_exact(field):
     assert _check(got) == [f"pp-promptfl/{field} differs"]
 
 
-def test_loss_within_the_tolerance_holds_beyond_it_fails():
+@pytest.mark.parametrize("case", ["pp-promptfl-dp", "qs-local"])
+def test_loss_within_the_tolerance_holds_beyond_it_fails(case):
+    rtol = exchange_cases.TOLERANCES[case[:2]][0]
     got = _recording()
-    loss = got["pp-promptfl-dp/loss"]
-    got["pp-promptfl-dp/loss"] = loss * np.float32(1 + exchange_cases.LOSS_RTOL / 2)
+    loss = got[f"{case}/loss"]
+    got[f"{case}/loss"] = loss * np.float32(1 + rtol / 2)
     assert _check(got) == []
-    got["pp-promptfl-dp/loss"] = loss * np.float32(1 + exchange_cases.LOSS_RTOL * 2)
+    got[f"{case}/loss"] = loss * np.float32(1 + rtol * 2)
     [problem] = _check(got)
-    assert problem.startswith("pp-promptfl-dp/loss: max relative difference")
+    assert problem.startswith(f"{case}/loss: max relative difference")
 
 
-def test_accuracy_may_differ_by_a_few_images_per_client_no_more():
+@pytest.mark.parametrize("case", ["pp-local", "qs-local"])
+def test_accuracy_may_differ_by_a_few_images_per_client_no_more(case):
     recorded = _recording()
-    n, acc = recorded["pp-local/n_test"], recorded["pp-local/accuracy"]
-    flips = exchange_cases.ACCURACY_FLIPS
+    n, acc = recorded[f"{case}/n_test"], recorded[f"{case}/accuracy"]
+    flips = exchange_cases.TOLERANCES[case[:2]][1]
     got = dict(recorded)
-    got["pp-local/accuracy"] = (acc + np.float32(flips) / n).astype(np.float32)
+    got[f"{case}/accuracy"] = (acc + np.float32(flips) / n).astype(np.float32)
     assert _check(got) == []
-    got["pp-local/accuracy"] = (acc + np.float32(flips + 1) / n).astype(np.float32)
-    assert _check(got) == [f"pp-local/accuracy: {flips + 1} images of a client differ in a round > {flips}"]
+    got[f"{case}/accuracy"] = (acc + np.float32(flips + 1) / n).astype(np.float32)
+    assert _check(got) == [f"{case}/accuracy: {flips + 1} images of a client differ in a round > {flips}"]
 
 
 def _widest_gap(case: str):
