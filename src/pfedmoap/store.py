@@ -126,15 +126,24 @@ def _row_chunks(n_rounds: int, row_shape: tuple[int, ...], itemsize: int) -> tup
     return (rows, *row_shape)
 
 
+def row_fill(dtype) -> object:
+    """What a reserved row holds until its round is written (docs/hdf5-layout.md): NaN for floats,
+    -1 for integers (no count, no client id), False for booleans (not participated, not evaluated)."""
+    kind = np.dtype(dtype).kind
+    return np.nan if kind in "fc" else (False if kind == "b" else -1)
+
+
 def _create_rounds_dataset(group: h5py.Group, name: str, n_rounds: int, row_shape: tuple[int, ...],
                            dtype, info: Field | None) -> h5py.Dataset:
-    """(n_rounds, *row_shape), resizable on the round axis, every chunk allocated now (H5D_ALLOC_TIME_EARLY)
-    and never filled (sparse until written): a round's row is later written in place, and no write
-    after the file's creation allocates space or touches the chunk index."""
+    """(n_rounds, *row_shape), resizable on the round axis, every chunk allocated and written with the
+    fill (`row_fill`) now (H5D_ALLOC_TIME_EARLY, H5D_FILL_TIME_ALLOC): a round's row is later written
+    in place, no write after the file's creation allocates space or touches the chunk index, and a
+    row not written yet reads as NaN (-1, False), never as a fake 0."""
     dtype = np.dtype(dtype)
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
+    dcpl.set_fill_value(np.array(row_fill(dtype), dtype))
     ds = group.create_dataset(name, shape=(n_rounds, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
                               chunks=_row_chunks(n_rounds, row_shape, dtype.itemsize), dcpl=dcpl,
                               track_times=False)
@@ -408,8 +417,7 @@ def _rewrite_results(path: Path, n: int, phases: list[str], world: int, attrs: d
                 for a in range(0, n, step):
                     b = min(n, a + step)
                     if old is None:                    # evaluated: every client, before schema 3
-                        block = np.full((b - a, *shape), k == "evaluated" if np.dtype(dtype) == bool
-                                        else (np.nan if np.dtype(dtype).kind == "f" else -1), dtype)
+                        block = np.full((b - a, *shape), True if k == "evaluated" else row_fill(dtype), dtype)
                     elif k == "phase_time":
                         block = np.full((b - a, *shape), np.nan, np.float32)
                         got = old[a:b]
