@@ -444,13 +444,18 @@ def follow(path: str | Path, poll: float = 0.5, sleep=None):
     wall_time, status) in round order, each round once, and returns when the run's status is
     complete or stopped and every round has been yielded. Waits for the file to appear. The file is
     opened afresh at each poll (no HDF5 locking) and only rows not yielded yet are read; a resumed
-    run's file, cut back to its checkpoint, is followed from the first round not yielded yet."""
+    run's file, cut back to its checkpoint, is followed from the first round not yielded yet.
+
+    A run whose writer is gone (killed, or failed) while its file still says `running` is one
+    PFedMoAPError: nobody holds the run-directory lock (`writer_alive`) at two polls in a row,
+    each time before a read that found no new round and no final status."""
     import time
     sleep = sleep or time.sleep
     path = Path(path)
     file = path / RESULTS if path.is_dir() or path.suffix != ".h5" else path
-    nxt, failures = 0, 0
+    nxt, failures, gone = 0, 0, 0
     while True:
+        alive = writer_alive(file.parent)        # before the read: a writer writes its status, then lets go
         try:
             rows, attrs = _rows_since(file, nxt) if file.is_file() else ([], None)
             failures = 0
@@ -464,6 +469,12 @@ def follow(path: str | Path, poll: float = 0.5, sleep=None):
             nxt = row["round"] + 1
         if attrs is not None and attrs["status"] in FINISHED and nxt >= attrs["rounds_done"]:
             return
+        gone = gone + 1 if attrs is not None and not alive and not rows else 0
+        if gone >= 2:
+            raise PFedMoAPError(f"{file}: no process is writing this run any more (status {attrs['status']!r} "
+                                f"at {attrs['rounds_done']} of {attrs['n_rounds']} rounds, and nobody holds "
+                                f"{file.parent / LOCK}): it was killed or failed; resume with: pfedmoap resume "
+                                f"{file.parent}")
         sleep(poll)
 
 
@@ -687,7 +698,7 @@ class RunLock:
         except OSError as e:
             raise PFedMoAPError(f"--out {run_dir}: cannot create {LOCK} ({e.strerror})") from None
         try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_retrying(self.fh, fcntl.LOCK_EX)
         except BlockingIOError:
             self.fh.seek(0)
             holder = self.fh.read().strip() or "another process"
@@ -706,6 +717,41 @@ class RunLock:
     def release(self) -> None:
         if not self.fh.closed:
             self.fh.close()          # closing drops the flock; the file stays (harmless)
+
+
+def _flock_retrying(fh, kind: int, tries: int = 20, pause: float = 0.025) -> None:
+    """flock(kind | LOCK_NB), tried again for half a second: `writer_alive` holds a shared lock
+    for a few microseconds, which must not make a new run refuse its directory."""
+    import fcntl
+    import time
+    for i in range(tries):
+        try:
+            fcntl.flock(fh, kind | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if i == tries - 1:
+                raise
+            time.sleep(pause)
+
+
+def writer_alive(run_dir: Path) -> bool:
+    """Whether a process holds the run directory's lock (RunLock), i.e. a run is writing it: the kernel
+    drops the lock when its holder ends, however it ends (SIGKILL included). Probed with a shared
+    lock taken and dropped at once; where that cannot be told (no lock file support), True."""
+    import fcntl
+    try:
+        fh = open(Path(run_dir) / LOCK, "rb")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:             # BlockingIOError: held by a writer; others: cannot tell
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
 
 
 def open_run(run_dir: Path, if_exists: str, config_hash: str, expected: dict[str, tuple[int, ...]]
