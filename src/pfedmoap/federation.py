@@ -54,6 +54,13 @@ def run_hash(cfg: Config) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _toml_run_hash(text: str) -> str:
+    """The run hash of a config given as TOML text (a run directory's config.toml, results.h5's
+    `config`): what resuming compares with the checkpoint's."""
+    from .config import from_toml
+    return run_hash(from_toml(text))
+
+
 def evaluated_clients(cfg: Config, round_: int, rounds: int, participants: np.ndarray) -> np.ndarray:
     """(N,) bool: whom round `round_` evaluates (run.eval_every, run.eval_clients). The last round
     evaluates every client; so does every eval_every-th round with eval_clients = "all", while with
@@ -119,7 +126,7 @@ class Federation:
         if self.root:
             try:
                 start, ckpt, self.lock = store.open_run(run_dir, if_exists, self.run_hash,
-                                                        self._checkpoint_shapes())
+                                                        self._checkpoint_shapes(), _toml_run_hash)
                 self._open_results(run_dir, start)
             except PFedMoAPError as e:
                 error = e
@@ -171,7 +178,6 @@ class Federation:
         return outcome
 
     def _open_results(self, run_dir: Path, start: int) -> None:
-        store.write_text(run_dir / "config.toml", self.cfg.to_toml())   # the full config, readable
         fields = {lg.name: store.Field(np.dtype(lg.dtype).type, "", lg.description, tuple(lg.shape))
                   for lg in self.logs.values()}
         if start > 0:
@@ -186,6 +192,7 @@ class Federation:
                      "dp_epsilon": np.nan if self.build.dp_epsilon is None else self.build.dp_epsilon[-1]}
             self.results = store.Results(run_dir, attrs, self.build.partition_arrays(), list(PHASES), fields)
             self.results.create()         # every round's row reserved; the file exists from now on
+        store.write_text(run_dir / "config.toml", self.cfg.to_toml())   # the full config, readable
 
     # ------------------------------------------------------------------ one round
     def _round(self, r: int) -> None:

@@ -754,14 +754,16 @@ def writer_alive(run_dir: Path) -> bool:
     return False
 
 
-def open_run(run_dir: Path, if_exists: str, config_hash: str, expected: dict[str, tuple[int, ...]]
-             ) -> tuple[int, dict[str, np.ndarray] | None, RunLock]:
+def open_run(run_dir: Path, if_exists: str, config_hash: str, expected: dict[str, tuple[int, ...]],
+             hash_of_toml=None) -> tuple[int, dict[str, np.ndarray] | None, RunLock]:
     """The run-directory policy (rank 0): (rounds already done, checkpoint arrays or None, the lock).
 
     The directory is locked first (RunLock; release it when the run ends): a second run into it
     is refused. Then refuse: a directory that holds a run is an error; overwrite: its results and
-    checkpoint go; resume: its checkpoint must come from the same configuration and hold arrays of
-    the `expected` shapes (path -> shape), else one clear error before anything is computed."""
+    checkpoint go; resume: its checkpoint, results.h5 and config.toml must all come from this run
+    (`config_hash`; `hash_of_toml(text)` gives a config text's run hash) and the checkpoint hold
+    arrays of the `expected` shapes (path -> shape) and no more rounds than results.h5, else one
+    clear error before anything is computed or any file of the directory rewritten."""
     run_dir = Path(run_dir)
     if if_exists not in IF_EXISTS:
         raise PFedMoAPError(f"--if-exists {if_exists!r}: expected one of {', '.join(IF_EXISTS)}")
@@ -771,14 +773,15 @@ def open_run(run_dir: Path, if_exists: str, config_hash: str, expected: dict[str
         raise PFedMoAPError(f"--out {run_dir}: cannot create the directory ({e.strerror})") from None
     lock = RunLock(run_dir)
     try:
-        start, ckpt = _policy(run_dir, if_exists, config_hash, expected)
+        start, ckpt = _policy(run_dir, if_exists, config_hash, expected, hash_of_toml)
     except BaseException:
         lock.release()
         raise
     return start, ckpt, lock
 
 
-def _policy(run_dir: Path, if_exists: str, config_hash: str, expected: dict) -> tuple[int, dict | None]:
+def _policy(run_dir: Path, if_exists: str, config_hash: str, expected: dict,
+            hash_of_toml=None) -> tuple[int, dict | None]:
     start, ckpt = 0, None
     if has_run(run_dir):
         if if_exists == "refuse":
@@ -787,16 +790,68 @@ def _policy(run_dir: Path, if_exists: str, config_hash: str, expected: dict) -> 
         if if_exists == "overwrite":
             for name in (RESULTS, CHECKPOINT):
                 (run_dir / name).unlink(missing_ok=True)
-        elif (run_dir / CHECKPOINT).exists():
-            attrs, arrays = read_checkpoint(run_dir, lazy=("clients/state",))
-            file = run_dir / CHECKPOINT
-            if attrs["config_hash"] != config_hash:
-                raise PFedMoAPError(f"{file}: written by a different configuration (config hash "
-                                    f"{attrs['config_hash']} != {config_hash}); refusing to resume")
-            for key, shape in expected.items():
-                got = arrays.get(key)
-                if got is None or got.shape != tuple(shape):
-                    raise PFedMoAPError(f"{file}: {key} has shape {None if got is None else got.shape}, "
-                                        f"this run expects {tuple(shape)} (a checkpoint of another run?)")
-            start, ckpt = int(attrs["round"]), arrays
+        else:
+            if (run_dir / CHECKPOINT).exists():
+                start, ckpt = _resumable(run_dir, config_hash, expected)
+            _same_run(run_dir, config_hash, start, expected, hash_of_toml)
     return start, ckpt
+
+
+def _resumable(run_dir: Path, config_hash: str, expected: dict) -> tuple[int, dict]:
+    """(round, arrays) of the run directory's checkpoint, if it is this configuration's."""
+    attrs, arrays = read_checkpoint(run_dir, lazy=("clients/state",))
+    file = run_dir / CHECKPOINT
+    if attrs["config_hash"] != config_hash:
+        raise PFedMoAPError(f"{file}: written by a different configuration (config hash "
+                            f"{attrs['config_hash']} != {config_hash}); refusing to resume")
+    for key, shape in expected.items():
+        got = arrays.get(key)
+        if got is None or got.shape != tuple(shape):
+            raise PFedMoAPError(f"{file}: {key} has shape {None if got is None else got.shape}, "
+                                f"this run expects {tuple(shape)} (a checkpoint of another run?)")
+    return int(attrs["round"]), arrays
+
+
+def _same_run(run_dir: Path, config_hash: str, ckpt_round: int, expected: dict, hash_of_toml) -> None:
+    """Resuming: results.h5 and config.toml are this run's (the checkpoint's, when there is one), and
+    results.h5 holds every round the checkpoint covers; else one error and nothing rewritten (a
+    checkpoint copied in from another run would otherwise cut and overwrite this one's files)."""
+    file = run_dir / RESULTS
+    refuse = "refusing to resume (a file copied in from another run?); nothing was changed"
+    if not file.exists():
+        if ckpt_round:
+            raise PFedMoAPError(f"{run_dir}: holds {CHECKPOINT} (round {ckpt_round}) but no {RESULTS}; {refuse}")
+    else:
+        attrs = read_results(file, rounds=False)["attrs"]
+        if attrs.get("schema_version") not in READABLE_RESULTS:
+            raise PFedMoAPError(f"{file}: schema version {attrs.get('schema_version')}, this pfedmoap reads "
+                                f"{', '.join(map(str, READABLE_RESULTS))}; {refuse}")
+        have = attrs.get("config_hash")
+        if have is None and hash_of_toml is not None and isinstance(attrs.get("config"), str):
+            have = _hash_of(file, attrs["config"], hash_of_toml)           # schema 1 files
+        if have is not None and have != config_hash:
+            raise PFedMoAPError(f"{file}: written by a different configuration (run hash {have} != "
+                                f"{config_hash}); {refuse}")
+        shape = expected.get("clients/state")
+        if shape is not None and int(attrs["n_clients"]) != shape[0]:
+            raise PFedMoAPError(f"{file}: {attrs['n_clients']} clients, the checkpoint {shape[0]}; {refuse}")
+        if int(attrs["rounds_done"]) < ckpt_round:
+            raise PFedMoAPError(f"{file}: holds {attrs['rounds_done']} rounds but {CHECKPOINT} {ckpt_round}; "
+                                f"{refuse}")
+    toml = run_dir / "config.toml"
+    if toml.exists() and hash_of_toml is not None:
+        try:
+            text = toml.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PFedMoAPError(f"{toml}: unreadable ({e}); {refuse}") from None
+        have = _hash_of(toml, text, hash_of_toml)
+        if have != config_hash:
+            raise PFedMoAPError(f"{toml}: another configuration (run hash {have} != {config_hash}); {refuse}")
+
+
+def _hash_of(file: Path, text: str, hash_of_toml) -> str:
+    try:
+        return hash_of_toml(text)
+    except Exception as e:  # noqa: BLE001 - an edited or foreign file: TOML or validation errors alike
+        raise PFedMoAPError(f"{file}: not a valid configuration ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            f"refusing to resume, nothing was changed") from None
