@@ -8,7 +8,10 @@ round it reported complete.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,19 +78,137 @@ def library_versions() -> str:
     return f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version})"
 
 
+def discard(f: h5py.File) -> None:
+    """Close an HDF5 file whose writes failed (a full disk, a quota, a read-only file system), with
+    every object open in it, and raise nothing. Closed as usual, HDF5 would write its pending
+    metadata, fail again half way and leave objects open whose later release prints "Exception
+    ignored" tracebacks and can crash the process (SIGSEGV at exit). So the file's descriptor is
+    first pointed at an anonymous memory file: those last writes succeed there and are dropped with
+    it, and the file on disk keeps what was written before the failure (for results.h5: every
+    committed round)."""
+    try:
+        if f.id.valid and f.driver == "sec2":
+            fd = f.id.get_vfd_handle()
+            scratch = os.memfd_create("pfedmoap-discard") if hasattr(os, "memfd_create") \
+                else os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(scratch, fd)
+            finally:
+                os.close(scratch)
+    except Exception:  # noqa: BLE001 - best effort; the close below still runs
+        pass
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - the file is already in error
+        _end_without_hdf5_cleanup()
+
+
+def _end_without_hdf5_cleanup() -> None:
+    """A write that failed inside HDF5 itself (a flush half done, a data set half created on a full
+    disk) can leave the library with objects it can neither close nor free: its own clean-up at the
+    process's exit then crashes (SIGSEGV). Such a process ends instead, once Python's exit handlers
+    ran, with exit status 2 (the status of the error line it printed) and no HDF5 clean-up."""
+    import atexit
+    import sys
+
+    def end() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        mpi = sys.modules.get("mpi4py.MPI")
+        try:            # under MPI: end every rank at once, as any other error does
+            if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.size > 1:
+                mpi.COMM_WORLD.Abort(2)
+        except Exception:  # noqa: BLE001
+            pass
+        os._exit(2)
+    if not getattr(_end_without_hdf5_cleanup, "armed", False):
+        _end_without_hdf5_cleanup.armed = True
+        atexit.register(end)          # the first registered runs last: after every other handler
+
+
+@contextlib.contextmanager
+def quiet_release() -> Iterator[None]:
+    """While HDF5 writes may fail: an h5py object released while its file cannot be written (h5py
+    creates and drops some inside a failing call) cannot close and prints an "Exception ignored"
+    traceback; the failure itself is raised (and reported) anyway, so those are dropped here, and
+    the objects left open are closed by `discard`. Other unraisable errors are reported as usual."""
+    import sys
+    import traceback
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def from_h5py(tb) -> bool:
+        return any("h5py" in frame.filename for frame in traceback.extract_tb(tb))
+
+    def quiet_unraisable(info):
+        if not ("h5py" in repr(info.object) or from_h5py(info.exc_traceback)):
+            unraisable(info)
+
+    def quiet_excepthook(kind, value, tb):   # Cython prints a __dealloc__'s traceback through it
+        if not from_h5py(tb):
+            excepthook(kind, value, tb)
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+    try:
+        yield
+    finally:
+        sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
+@contextlib.contextmanager
+def new_h5(path: Path) -> Iterator[h5py.File]:
+    """`with new_h5(path) as f:` a new HDF5 file, flushed and closed at the end of the block. If
+    anything fails in the block or at the close (a write to a full disk, ...) the file is closed
+    with `discard` and the error goes on: no HDF5 object outlives the failure, nothing is printed."""
+    with quiet_release():
+        f = h5py.File(path, "w")
+        try:
+            yield f
+            f.flush()
+            f.close()
+        except BaseException:
+            discard(f)
+            raise
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """h5py reports a failed write as OSError, RuntimeError (flush, close) or ValueError (creating a
+    data set whose fill is written at once); the last only counts when HDF5 names an errno."""
+    return isinstance(err, (OSError, RuntimeError)) or (isinstance(err, ValueError)
+                                                        and _HDF5_ERRNO.search(str(err)) is not None)
+
+
+_HDF5_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def write_failure(err: BaseException) -> str:
+    """Why a write failed, in words: the errno's text (h5py's errors carry it inside HDF5's message,
+    e.g. 'No space left on device'), else the error's first line."""
+    if isinstance(err, OSError) and err.errno:
+        return os.strerror(err.errno)
+    found = _HDF5_ERRNO.search(str(err))
+    if found:
+        return os.strerror(int(found.group(1)))
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
 def _atomic_write(path: Path, fill) -> None:
     """Write `path` whole through a temporary file, fsync, rename: a job killed at any moment
     leaves the previous file intact. A write that fails (a full disk, a quota, a read-only file
-    system) removes the temporary file and is one clear error; the previous file stays."""
+    system) closes every HDF5 object (`new_h5`), removes the temporary file and is one clear error;
+    the previous file stays."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with h5py.File(tmp, "w") as f:
+        with new_h5(tmp) as f:
             fill(f)
-            f.flush()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:       # h5py reports a failed flush/close as RuntimeError
+    except (OSError, RuntimeError, ValueError) as e:
+        if not is_write_failure(e):
+            tmp.unlink(missing_ok=True)
+            raise
         _failed_write(path, tmp, e)
 
 
@@ -110,8 +231,7 @@ def _failed_write(path: Path, tmp: Path | None, err: BaseException) -> None:
             tmp.unlink(missing_ok=True)
     except OSError:
         pass
-    reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).splitlines()[0]
-    raise PFedMoAPError(f"{path}: could not be written ({reason}); the previous version, if any, is "
+    raise PFedMoAPError(f"{path}: could not be written ({write_failure(err)}); the previous version, if any, is "
                         f"intact (full disk or quota? free space, then resume)") from None
 
 
@@ -134,19 +254,27 @@ def row_fill(dtype) -> object:
 
 
 def _create_rounds_dataset(group: h5py.Group, name: str, n_rounds: int, row_shape: tuple[int, ...],
-                           dtype, info: Field | None) -> h5py.Dataset:
-    """(n_rounds, *row_shape), resizable on the round axis, every chunk allocated and written with the
-    fill (`row_fill`) now (H5D_ALLOC_TIME_EARLY, H5D_FILL_TIME_ALLOC): a round's row is later written
-    in place, no write after the file's creation allocates space or touches the chunk index, and a
-    row not written yet reads as NaN (-1, False), never as a fake 0."""
+                           dtype, info: Field | None, fill_from: int = 0) -> h5py.Dataset:
+    """(n_rounds, *row_shape), resizable on the round axis, every chunk allocated now
+    (H5D_ALLOC_TIME_EARLY) and rows `fill_from..` written with the fill (`row_fill`, also the data
+    set's declared fillvalue): a round's row is later written in place, no write after the file's
+    creation allocates space or touches the chunk index, and a row not written yet reads as NaN
+    (-1, False), never as a fake 0. The fill is written by plain writes, not by HDF5 at creation
+    (H5D_FILL_TIME_NEVER): a creation that fails on a full disk leaves HDF5 a half-made data set
+    that crashes the process at exit; a failed write is a clean error."""
     dtype = np.dtype(dtype)
+    fill = row_fill(dtype)
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
-    dcpl.set_fill_value(np.array(row_fill(dtype), dtype))
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_fill_value(np.array(fill, dtype))
+    chunks = _row_chunks(n_rounds, row_shape, dtype.itemsize)
     ds = group.create_dataset(name, shape=(n_rounds, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
-                              chunks=_row_chunks(n_rounds, row_shape, dtype.itemsize), dcpl=dcpl,
-                              track_times=False)
+                              chunks=chunks, dcpl=dcpl, track_times=False)
+    step = chunks[0] * max(1, (16 << 20) // max(1, CHUNK_BYTES))       # whole chunks, about 16 MiB a write
+    for a in range(fill_from, n_rounds, step):
+        b = min(n_rounds, a + step)
+        ds[a:b] = np.full((b - a, *row_shape), fill, dtype)
     if info is not None:
         ds.attrs["units"] = info.units
         ds.attrs["description"] = info.description
@@ -225,6 +353,10 @@ class Results:
         if self._file is None:
             self.create()
         f = self._file
+        with quiet_release():
+            self._commit(f)
+
+    def _commit(self, f: h5py.File) -> None:
         try:
             for rec in self._pending:
                 self._write_row(self._written, rec)
@@ -239,7 +371,9 @@ class Results:
                 f.attrs.modify("status", self.attrs["status"])
                 self._status = self.attrs["status"]
             f.flush()
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, ValueError) as e:
+            if not is_write_failure(e):
+                raise
             self._abandon()
             _failed_write(self.path, None, e)
 
@@ -258,13 +392,15 @@ class Results:
         if self._file is None:
             return
         try:
-            if self._carry and self.attrs["status"] in FINISHED and not self._pending:
-                self.attrs["final_write_time"] = self._carry
-                self._file.attrs.modify("final_write_time", np.float64(self._carry))
-                self._carry = 0.0
-            self._file.close()
+            with quiet_release():
+                if self._carry and self.attrs["status"] in FINISHED and not self._pending:
+                    self.attrs["final_write_time"] = self._carry
+                    self._file.attrs.modify("final_write_time", np.float64(self._carry))
+                    self._carry = 0.0
+                self._rows = {}
+                self._file.close()
         except (OSError, RuntimeError) as e:
-            self._file = None
+            self._abandon()
             _failed_write(self.path, None, e)
         self._file = None
         n = self.rounds_done
@@ -272,11 +408,9 @@ class Results:
             _rewrite_results(self.path, n, self.phases, int(self.attrs["world_size"]), dict(self.attrs))
 
     def _abandon(self) -> None:
-        try:
-            self._file.close()
-        except Exception:   # noqa: BLE001 - the file is already in error; what was committed stays
-            pass
-        self._file = None
+        """After a failed write: close the file and its data sets (`discard`); what was committed stays."""
+        discard(self._file)
+        self._file, self._rows = None, {}
 
     # -------------------------------------------------------------- the file
     def _shapes(self) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -411,7 +545,7 @@ def _rewrite_results(path: Path, n: int, phases: list[str], world: int, attrs: d
                 field_info = info.get(k) or (Field(dtype, _plain(old.attrs.get("units", "")),
                                                    _plain(old.attrs.get("description", "")))
                                              if old is not None else None)
-                ds = _create_rounds_dataset(g, k, reserve, shape, dtype, field_info)
+                ds = _create_rounds_dataset(g, k, reserve, shape, dtype, field_info, fill_from=n)
                 row_bytes = max(1, np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64)))
                 step = max(1, (64 << 20) // row_bytes)
                 for a in range(0, n, step):
