@@ -2,8 +2,9 @@
 that hosts them. With one process rank 0 hosts every client and the same code runs.
 
 It knows no method: each round it asks the method's server part for the participants and the
-downloads, moves the declared arrays (exchange.Transport), lets the client part train and evaluate
-each hosted client, counts bytes, times phases and writes results and checkpoints (store).
+downloads, moves the declared arrays (exchange.Transport), hands the client part its hosted clients
+a block at a time to train and evaluate (ClientPart.blocks, fit_block, evaluate_block), counts
+bytes, times phases and writes results and checkpoints (store).
 """
 from __future__ import annotations
 
@@ -44,9 +45,11 @@ class Outcome:
 
 def run_hash(cfg: Config) -> str:
     """The run's identity (checkpoints, results.h5 `config_hash`): Config.hash, which leaves out [run],
-    plus a non-default evaluation schedule. Skipping a client's evaluation can change what it trains
-    from next (a method may update a client's state from its evaluation downloads), so a checkpoint
-    of another schedule is refused on resume; the default schedule keeps the plain hash."""
+    plus a non-default evaluation schedule. The schedule changes no training (no method's training
+    depends on its evaluation: tests/test_eval_invariance.py), but it decides which rounds results.h5
+    holds evaluated and so what `report` computes from them (acc last 5 on the rounds that evaluated
+    every client); so a run is resumed only under the schedule that wrote it, and the identities of
+    runs already written stay valid. The default schedule keeps the plain hash."""
     run = cfg.run
     if run.eval_every == 1 and run.eval_clients == "all":
         return cfg.hash()
@@ -225,10 +228,13 @@ class Federation:
         bar = self._progress_bar(r, len(hosted_part) + len(hosted_eval))
         t = time.perf_counter()
         uploads = {}
-        for c in hosted_part.tolist():
-            bar.update()
-            uploads[c] = self.client.fit(self.states[c], self.build.data[c], r, c, down[c])
-            _check_finite(r, c, uploads[c], "upload")
+        for block in self.client.blocks(hosted_part.tolist()):
+            ups = self.client.fit_block([self.states[c] for c in block], [self.build.data[c] for c in block], r,
+                                        block, [down[c] for c in block])
+            for c, up in zip(block, ups, strict=True):
+                _check_finite(r, c, up, "upload")
+                uploads[c] = up
+            bar.update(len(block))
         phase["train"] += time.perf_counter() - t
 
         # up: one Gatherv per declared array; the server turns them into its next state
@@ -246,21 +252,24 @@ class Federation:
         width = 3 + n_dom + sum(int(np.prod(lg.shape)) for lg in client_logs)
         metrics = np.full((len(self.mine), width), np.nan, np.float32)
         t = time.perf_counter()
-        for i in hosted_eval.tolist():
-            bar.update()
-            c = int(self.mine[i])
-            res = self.client.evaluate(self.states[c], self.build.data[c], r, c, {**down[c], **eval_down[c]})
-            if len(self.build.data[c].test_y):
-                _check_finite(r, c, {"test loss": res.loss}, "evaluation")
-            metrics[i, :3] = res.accuracy, res.macro_f1, res.loss
-            metrics[i, 3:3 + n_dom] = self.build.domain_accuracy(c, res.correct)
-            at = 3 + n_dom
-            for lg in client_logs:
-                size = int(np.prod(lg.shape))
-                value = np.asarray(res.logs.get(lg.name, []), np.float32).reshape(-1)
-                metrics[i, at:at + size] = lg.fill
-                metrics[i, at:at + len(value)] = value
-                at += size
+        row = {int(self.mine[i]): i for i in hosted_eval.tolist()}      # client id -> its metrics row
+        for block in self.client.blocks(list(row)):
+            results = self.client.evaluate_block([self.states[c] for c in block], [self.build.data[c] for c in block],
+                                                 r, block, [{**down[c], **eval_down[c]} for c in block])
+            for c, res in zip(block, results, strict=True):
+                if len(self.build.data[c].test_y):
+                    _check_finite(r, c, {"test loss": res.loss}, "evaluation")
+                i = row[c]
+                metrics[i, :3] = res.accuracy, res.macro_f1, res.loss
+                metrics[i, 3:3 + n_dom] = self.build.domain_accuracy(c, res.correct)
+                at = 3 + n_dom
+                for lg in client_logs:
+                    size = int(np.prod(lg.shape))
+                    value = np.asarray(res.logs.get(lg.name, []), np.float32).reshape(-1)
+                    metrics[i, at:at + size] = lg.fill
+                    metrics[i, at:at + len(value)] = value
+                    at += size
+            bar.update(len(block))
         phase["eval"] += time.perf_counter() - t
         bar.close()
 
