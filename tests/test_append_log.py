@@ -261,3 +261,25 @@ def test_a_killed_run_keeps_its_rounds_and_resumes_exactly(tmp_path):
     assert attrs["status"] == "complete" and attrs["rounds_done"] == 40
     for k in SCIENCE:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_rows_not_written_yet_read_as_the_fill_not_as_zeros(tmp_path):
+    """The README's `f["rounds/accuracy"][()]` of a running (or killed) run: rounds not committed read
+    as NaN (floats), -1 (integers) and False (booleans), never as a fake accuracy of 0."""
+    n, rounds, done = 5, 6, 2
+    res = lib["results"](tmp_path, n, rounds)
+    res.create()
+    lib["write_rounds"](res, n, 0, done)
+    with h5py.File(tmp_path / store.RESULTS, "r", locking=False) as f:     # as the README reads it
+        assert f.attrs["rounds_done"] == done and store._plain(f.attrs["status"]) == "running"
+        acc = f["rounds/accuracy"][()]
+        assert np.isfinite(acc[:done]).any(axis=1).all() and np.isnan(acc[done:]).all()
+        assert np.isnan(acc.mean(axis=1)[done:]).all()          # the README's line: no 0 % rounds
+        for name in ("macro_f1", "loss", "domain_accuracy", "phase_time", "wall_time", "dp_epsilon", "gate_weight"):
+            assert np.isnan(f["rounds"][name][done:]).all(), name
+        for name in ("bytes_up", "bytes_down", "experts"):
+            assert (f["rounds"][name][done:] == -1).all() and (f["rounds"][name][:done] >= -1).all(), name
+        for name in ("participated", "evaluated"):
+            assert not f["rounds"][name][done:].any(), name
+        assert f["rounds/accuracy"].fillvalue != f["rounds/accuracy"].fillvalue     # NaN, declared in the file
+    res.close()

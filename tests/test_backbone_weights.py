@@ -203,6 +203,99 @@ def test_damaged_archive_is_one_error(tmp_path):
     assert "\n" not in str(e.value) and "cannot load into tiny-clip" in str(e.value)
 
 
+def _jit_state(path: Path) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # torch.jit.load's deprecation notice
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+
+
+def _assert_same_state(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+
+
+def test_archives_are_read_as_torch_jit_load_reads_them_without_running_them(tmp_path):
+    """The archive's tensors read as data (no TorchScript run) equal torch.jit.load's state dict: an
+    OpenAI-style scripted archive (fp16 matrices, int entries, shared storages) and a traced CLIP."""
+    src = _source(seed=7)
+    state = _openai_state(src)
+    state["tied"] = state["token_embedding.weight"][:3]           # a view: a storage shared by two tensors
+    path = tmp_path / "RN50.pt"
+    _openai_style_archive(state, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                            # no FutureWarning: torch.jit is not used
+        got = bb.read_torchscript_state(path)
+    _assert_same_state(got, _jit_state(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(src, {"encode_image": (torch.randn(1, 3, 32, 32),)}, check_trace=False)
+    traced.save(str(tmp_path / "traced.pt"))
+    _assert_same_state(bb.read_torchscript_state(tmp_path / "traced.pt"), _jit_state(tmp_path / "traced.pt"))
+
+
+class _WritesAFile(nn.Module):
+    """Loading this with torch.jit.load writes into `victim` (its __setstate__ maps the file)."""
+
+    def __init__(self, victim: str):
+        super().__init__()
+        self.victim = victim
+        self.w = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
+        return (self.victim, self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
+        self.victim = state[0]
+        self.w = state[1]
+        t = torch.from_file(self.victim, True, 4, dtype=torch.uint8)
+        t.fill_(88)
+        self.training = bool(t.sum() > 0)
+
+
+def test_a_torchscript_archive_that_writes_a_file_is_refused_and_runs_nothing(tmp_path):
+    victim = tmp_path / "victim.txt"
+    path = tmp_path / "ViT-B-16.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(_WritesAFile(str(victim))).save(str(path))
+    victim.write_bytes(b"safe")
+    _jit_state(path)
+    assert victim.read_bytes() == b"XXXX"                          # the archive really is malicious
+    victim.write_bytes(b"safe")
+    with pytest.raises(PFedMoAPError) as e:
+        Backbone(TINY, str(path), seed=0)
+    assert str(e.value) == (f"model.pretrained = {str(path)!r}: refused: a TorchScript archive holding code that "
+                            f"defines __setstate__ (code/__torch__/test_backbone_weights.py) (only OpenAI-style archives of plain modules "
+                            f"and tensors are read, and none of their code is run)")
+    assert victim.read_bytes() == b"safe"
+
+
+def test_an_archive_with_other_globals_or_bad_tensors_is_refused(tmp_path):
+    import zipfile
+    path = tmp_path / "RN50.pt"
+    _openai_style_archive({"a": torch.arange(4.0)}, path)
+    raw = {n: zipfile.ZipFile(path).read(n) for n in zipfile.ZipFile(path).namelist()}
+    top = next(n for n in raw if n.endswith("/data.pkl")).split("/")[0]
+
+    def rewrite(name, data):
+        out = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}.pt"
+        with zipfile.ZipFile(out, "w") as z:
+            for n, d in raw.items():
+                z.writestr(n, data if n == f"{top}/{name}" else d)
+        return out
+    evil = rewrite("data.pkl", raw[f"{top}/data.pkl"].replace(b"torch._utils\n_rebuild_tensor_v2", b"os\nsystem"))
+    short = rewrite("data/0", b"\0" * 4)                         # 4 elements need 16 bytes
+    for bad, needle in ((evil, "the global os.system"), (short, "data/0 of 4 bytes for 4 elements")):
+        with pytest.raises(PFedMoAPError, match=needle):
+            bb.read_torchscript_state(bad)
+
+
 # ------------------------------------------------------------------ (b) open_clip state dicts, (c) safetensors
 
 @pytest.mark.parametrize("suffix", [".pt", ".bin"])

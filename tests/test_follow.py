@@ -107,3 +107,53 @@ def test_follow_waits_for_a_run_and_ctrl_c_ends_it(tmp_path):
     p = subprocess.run(_cli("report", "--follow", str(tmp_path / "a"), str(tmp_path / "b")), capture_output=True,
                        text=True, env=ENV, timeout=60)
     assert p.returncode == 2 and p.stderr.startswith("error: report --follow: follows one run directory")
+
+
+def test_follow_of_a_killed_run_ends_with_one_line(tmp_path):
+    out = tmp_path / "killed"
+    args = _cli("run", "--out", str(out))
+    for s in [s for s in SETS if not s.startswith("rounds=")] + ["rounds=400"]:
+        args += ["--set", s]
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    follower = subprocess.Popen(_cli("report", "--follow", str(out)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV)
+    lines: list = []
+    reader = _lines(follower, lines)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(line.startswith("round 2/") for _, line in lines):
+            assert time.monotonic() < deadline and run.poll() is None and follower.poll() is None
+            time.sleep(0.1)
+        run.kill()                               # SIGKILL: no status written, the lock dropped by the kernel
+        run.wait(timeout=60)
+        assert follower.wait(timeout=120) == 2   # before: waited forever on status 'running'
+    finally:
+        for p in (run, follower):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    reader.join(timeout=10)
+    err = [line for line in follower.stderr.read().strip().splitlines() if not line.startswith("# waiting")]
+    done = store.read_results(out, rounds=False)["attrs"]["rounds_done"]
+    assert err == [f"error: {out / store.RESULTS}: no process is writing this run any more (status 'running' at "
+                   f"{done} of 400 rounds, and nobody holds {out / store.LOCK}): it was killed or failed; "
+                   f"resume with: pfedmoap resume {out}"], err
+    assert len([line for _, line in lines if line.startswith("round ")]) == done
+
+
+def test_writer_alive_follows_the_run_lock_and_a_probe_never_refuses_a_run(tmp_path):
+    import fcntl
+    assert not store.writer_alive(tmp_path)                 # no lock file: nobody
+    lock = store.RunLock(tmp_path)
+    assert store.writer_alive(tmp_path)
+    lock.release()
+    assert not store.writer_alive(tmp_path)
+    # a follower's probe holds a shared lock for an instant; a run starting then still gets the directory
+    with open(tmp_path / store.LOCK, "rb") as probe:
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        timer = threading.Timer(0.1, fcntl.flock, (probe, fcntl.LOCK_UN))
+        timer.start()
+        lock = store.RunLock(tmp_path)
+        timer.join()
+    assert store.writer_alive(tmp_path)
+    lock.release()

@@ -101,7 +101,8 @@ def test_run_on_an_existing_run_dir_refuses_then_resumes_or_overwrites(reference
 
 
 def _refused(run_dir: Path, *needles):
-    before = {n: (run_dir / n).read_bytes() for n in ("results.h5", "checkpoint.h5")}
+    before = {n: (run_dir / n).read_bytes() for n in ("results.h5", "checkpoint.h5", "config.toml")
+              if (run_dir / n).exists()}
     p = subprocess.run([sys.executable, "-m", "pfedmoap.cli", "resume", str(run_dir)], capture_output=True,
                        text=True, env=ENV, timeout=120)
     assert p.returncode == 2, p.stderr
@@ -137,6 +138,46 @@ def test_checkpoint_of_another_config_or_schema_is_refused(reference, tmp_path):
     with h5py.File(out / "checkpoint.h5", "r+") as f:
         f.attrs["schema_version"] = 99
     _refused(out, "schema version 99")
+
+
+@pytest.fixture(scope="module")
+def five_clients(tmp_path_factory):
+    """A complete run of another configuration (5 clients) than `reference` (4)."""
+    out = tmp_path_factory.mktemp("five") / "run"
+    sets = [s for s in SETS if not s.startswith(("data.n_clients=", "rounds="))] + ["data.n_clients=5", "rounds=2"]
+    p = subprocess.run(_args("run", "--out", str(out), sets=sets), capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("foreign", ["checkpoint.h5", "results.h5", "config.toml"])
+def test_a_file_of_another_run_is_refused_before_anything_is_rewritten(reference, five_clients, tmp_path, foreign):
+    """A complete 5-client run with one file copied in from a 4-client run: resume refuses in one line
+    and leaves results.h5, config.toml and checkpoint.h5 byte for byte (it used to cut results.h5,
+    mark it running, overwrite config.toml, then die with a TypeError)."""
+    out = tmp_path / "mixed"
+    shutil.copytree(five_clients, out)
+    shutil.copy(reference / foreign, out / foreign)
+    needle = {"checkpoint.h5": "results.h5: written by a different configuration",
+              "results.h5": "results.h5: written by a different configuration",
+              "config.toml": "config.toml: another configuration"}[foreign]
+    _refused(out, needle, "nothing was changed")
+    before = {n: (out / n).read_bytes() for n in ("results.h5", "checkpoint.h5", "config.toml")}
+    p = subprocess.run(_args("run", "--out", str(out), "--if-exists", "resume",
+                             sets=[s for s in SETS if not s.startswith(("data.n_clients=", "rounds="))]
+                             + ["data.n_clients=5", "rounds=2"]), capture_output=True, text=True, env=ENV,
+                       timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "refusing to resume" in p.stderr
+    assert {n: (out / n).read_bytes() for n in before} == before
+
+
+def test_a_checkpoint_ahead_of_its_results_is_refused(reference, tmp_path):
+    out = tmp_path / "ahead"
+    shutil.copytree(reference, out)
+    with h5py.File(out / "results.h5", "r+") as f:
+        f.attrs.modify("rounds_done", np.int64(1))
+    _refused(out, "holds 1 rounds but checkpoint.h5 6")
 
 
 def test_killed_mid_run_leaves_a_readable_checkpoint(tmp_path):

@@ -174,3 +174,13 @@ def test_sample_participants_deterministic_and_varies():
 def test_sample_participants_all(n_clients):
     for r in range(3):
         assert sample_participants(0, r, n_clients, 1.0).tolist() == list(range(n_clients))
+
+
+def test_knn_of_huge_finite_prompts_is_exact_and_silent():
+    # uploads noised to ~1e30 (dp.noise_multiplier=1e30) are finite; their squares overflow float32
+    import warnings
+    pool = np.array([[1e30, 0.0], [-1e30, 0.0], [0.0, 3e30], [2e30, 1.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = router.route("knn", pool, np.ones(4, bool), pool, np.arange(4), 2, seed=0, round_=0)
+    assert got.tolist() == [[3, 1], [0, 3], [0, 1], [0, 1]]      # client 2: a tie (10 = 10), by id

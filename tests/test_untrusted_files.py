@@ -247,3 +247,46 @@ def test_no_unrestricted_unpickling_in_src():
                     isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False):
                 bad.append(f"{f}:{node.lineno}: np.load without allow_pickle=False")
     assert not bad, bad
+
+
+def _relabelled_as_object(value, protocol: int) -> bytes:
+    """`value` pickled with its int64 dtype relabelled as object dtype: the dtype's pickled flags (0 for
+    int64) then let numpy take the raw int64 bytes as object pointers. Only allowed numpy globals."""
+    raw = pickle.dumps(value, protocol=protocol)
+    i8 = b"X\x02\x00\x00\x00i8" if protocol < 4 else b"\x8c\x02i8"
+    assert raw.count(i8) == 1
+    return raw.replace(i8, i8[:-2] + b"O8")
+
+
+@pytest.mark.parametrize("protocol, what", [(2, "array"), (5, "array"), (2, "scalar")])
+def test_raw_memory_relabelled_as_object_dtype_is_refused(tmp_path, protocol, what):
+    value = np.array([0x4141414141, 7], np.int64) if what == "array" else np.int64(0x4141414141)
+    p = tmp_path / "batch"
+    p.write_bytes(_relabelled_as_object({b"data": value, b"labels": [0, 1]}, protocol))
+    with pytest.raises(PFedMoAPError, match=r"batch: refused to unpickle a numpy object dtype with forged flags"):
+        disk.safe_unpickle(p)
+
+
+def test_relabelled_cifar_batch_is_one_line_not_a_crash(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    _make_cifar10(base)
+    batch = _cifar_batch([0, 1])
+    batch[b"data"] = batch[b"data"].astype(np.int64)
+    (base / "data_batch_1").write_bytes(_relabelled_as_object(batch, 2))
+    p = subprocess.run([sys.executable, "-m", "pfedmoap.cli", "data", "check", "--dataset", "cifar10",
+                        "--root", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert p.stderr.strip().splitlines() == [
+        f"error: {base / 'data_batch_1'}: refused to unpickle a numpy object dtype with forged flags (raw bytes "
+        f"relabelled as object) (only plain containers, numbers, strings and numpy arrays are allowed)"]
+
+
+def test_genuine_object_arrays_and_structured_dtypes(tmp_path):
+    p = tmp_path / "o"
+    nested = np.array([np.array(["a/b/c.jpg"]), ["x"]], dtype=object)
+    p.write_bytes(pickle.dumps(nested, protocol=2))
+    got = disk.safe_unpickle(p)
+    assert got.dtype == object and list(got[0]) == ["a/b/c.jpg"] and got[1] == ["x"]
+    p.write_bytes(pickle.dumps(np.zeros(2, [("a", "i8"), ("b", "O")])))
+    with pytest.raises(PFedMoAPError, match="structured dtype"):
+        disk.safe_unpickle(p)

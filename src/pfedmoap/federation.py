@@ -18,7 +18,7 @@ import numpy as np
 
 from . import comm as comm_mod, dp, store
 from .build import Build
-from .config import Config, recorded_run_hash, run_hash
+from .config import Config, from_toml, recorded_run_hash, run_hash
 from .errors import PFedMoAPError
 from .exchange import Broadcast, PerClient, Transport
 
@@ -41,6 +41,12 @@ class Outcome:
     status: str                                  # complete | stopped
     mean_accuracy: list[float] = field(default_factory=list)
     domain_accuracy: dict[str, float] = field(default_factory=dict)   # last round, all clients' test images together
+
+
+def _toml_run_hash(text: str) -> str:
+    """The run hash of a config given as TOML text (a run directory's config.toml, results.h5's
+    `config`): what resuming compares with the checkpoint's."""
+    return run_hash(from_toml(text))
 
 
 def evaluated_clients(cfg: Config, round_: int, rounds: int, participants: np.ndarray) -> np.ndarray:
@@ -106,7 +112,8 @@ class Federation:
         if self.root:
             try:
                 start, ckpt, self.lock = store.open_run(run_dir, if_exists, self.run_hash,
-                                                        self._checkpoint_shapes(), recorded_run_hash)
+                                                        self._checkpoint_shapes(), recorded_run_hash,
+                                                        _toml_run_hash)
                 self._open_results(run_dir, start)
             except PFedMoAPError as e:
                 error = e
@@ -158,7 +165,6 @@ class Federation:
         return outcome
 
     def _open_results(self, run_dir: Path, start: int) -> None:
-        store.write_text(run_dir / "config.toml", self.cfg.to_toml())   # the full config, readable
         fields = {lg.name: store.Field(np.dtype(lg.dtype).type, "", lg.description, tuple(lg.shape))
                   for lg in self.logs.values()}
         if start > 0:
@@ -174,6 +180,7 @@ class Federation:
                      **self._dp_attrs()}
             self.results = store.Results(run_dir, attrs, self.build.partition_arrays(), list(PHASES), fields)
             self.results.create()         # every round's row reserved; the file exists from now on
+        store.write_text(run_dir / "config.toml", self.cfg.to_toml())   # the full config, readable
 
     def _dp_attrs(self) -> dict:
         """What the ε of a DP run means (docs/privacy.md): mechanism, sensitivity, neighbours, accountant."""

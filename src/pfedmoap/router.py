@@ -10,6 +10,7 @@ import numpy as np
 from . import rng
 
 
+FLOAT32_SAFE = 1e15          # |value| below which squares and dot products of prompts fit float32
 ROUTERS: dict = {}           # the registry: moe.router name -> router function
 
 
@@ -43,9 +44,12 @@ def route(method: str, pool: np.ndarray, in_pool: np.ndarray, queries: np.ndarra
 def _knn(out, pool, in_pool, queries, clients, n, seed, round_):
     """The n prompts nearest to the client's query (L2), ties by client id."""
     cand = np.flatnonzero(in_pool)
-    q = queries.astype(np.float32)
-    p = pool[cand].astype(np.float32)
     # One batched distance matrix for all clients (float32 BLAS), then only the n nearest sorted.
+    # Finite prompts whose squares would overflow float32 (uploads noised to ~1e30 by a huge
+    # dp.noise_multiplier) are compared in float64 instead: distances stay finite, no warning.
+    wide = max(np.abs(queries).max(initial=0), np.abs(pool[cand]).max(initial=0)) > FLOAT32_SAFE
+    q = queries.astype(np.float64 if wide else np.float32)
+    p = pool[cand].astype(np.float64 if wide else np.float32)
     d = (q * q).sum(1, dtype=np.float64)[:, None] + (p * p).sum(1, dtype=np.float64)[None, :] \
         - 2 * (q @ p.T).astype(np.float64)
     d[cand[None, :] == clients[:, None]] = np.inf

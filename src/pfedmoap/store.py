@@ -8,7 +8,10 @@ round it reported complete.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,19 +78,137 @@ def library_versions() -> str:
     return f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version})"
 
 
+def discard(f: h5py.File) -> None:
+    """Close an HDF5 file whose writes failed (a full disk, a quota, a read-only file system), with
+    every object open in it, and raise nothing. Closed as usual, HDF5 would write its pending
+    metadata, fail again half way and leave objects open whose later release prints "Exception
+    ignored" tracebacks and can crash the process (SIGSEGV at exit). So the file's descriptor is
+    first pointed at an anonymous memory file: those last writes succeed there and are dropped with
+    it, and the file on disk keeps what was written before the failure (for results.h5: every
+    committed round)."""
+    try:
+        if f.id.valid and f.driver == "sec2":
+            fd = f.id.get_vfd_handle()
+            scratch = os.memfd_create("pfedmoap-discard") if hasattr(os, "memfd_create") \
+                else os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(scratch, fd)
+            finally:
+                os.close(scratch)
+    except Exception:  # noqa: BLE001 - best effort; the close below still runs
+        pass
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - the file is already in error
+        _end_without_hdf5_cleanup()
+
+
+def _end_without_hdf5_cleanup() -> None:
+    """A write that failed inside HDF5 itself (a flush half done, a data set half created on a full
+    disk) can leave the library with objects it can neither close nor free: its own clean-up at the
+    process's exit then crashes (SIGSEGV). Such a process ends instead, once Python's exit handlers
+    ran, with exit status 2 (the status of the error line it printed) and no HDF5 clean-up."""
+    import atexit
+    import sys
+
+    def end() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        mpi = sys.modules.get("mpi4py.MPI")
+        try:            # under MPI: end every rank at once, as any other error does
+            if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.size > 1:
+                mpi.COMM_WORLD.Abort(2)
+        except Exception:  # noqa: BLE001
+            pass
+        os._exit(2)
+    if not getattr(_end_without_hdf5_cleanup, "armed", False):
+        _end_without_hdf5_cleanup.armed = True
+        atexit.register(end)          # the first registered runs last: after every other handler
+
+
+@contextlib.contextmanager
+def quiet_release() -> Iterator[None]:
+    """While HDF5 writes may fail: an h5py object released while its file cannot be written (h5py
+    creates and drops some inside a failing call) cannot close and prints an "Exception ignored"
+    traceback; the failure itself is raised (and reported) anyway, so those are dropped here, and
+    the objects left open are closed by `discard`. Other unraisable errors are reported as usual."""
+    import sys
+    import traceback
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def from_h5py(tb) -> bool:
+        return any("h5py" in frame.filename for frame in traceback.extract_tb(tb))
+
+    def quiet_unraisable(info):
+        if not ("h5py" in repr(info.object) or from_h5py(info.exc_traceback)):
+            unraisable(info)
+
+    def quiet_excepthook(kind, value, tb):   # Cython prints a __dealloc__'s traceback through it
+        if not from_h5py(tb):
+            excepthook(kind, value, tb)
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+    try:
+        yield
+    finally:
+        sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
+@contextlib.contextmanager
+def new_h5(path: Path) -> Iterator[h5py.File]:
+    """`with new_h5(path) as f:` a new HDF5 file, flushed and closed at the end of the block. If
+    anything fails in the block or at the close (a write to a full disk, ...) the file is closed
+    with `discard` and the error goes on: no HDF5 object outlives the failure, nothing is printed."""
+    with quiet_release():
+        f = h5py.File(path, "w")
+        try:
+            yield f
+            f.flush()
+            f.close()
+        except BaseException:
+            discard(f)
+            raise
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """h5py reports a failed write as OSError, RuntimeError (flush, close) or ValueError (creating a
+    data set whose fill is written at once); the last only counts when HDF5 names an errno."""
+    return isinstance(err, (OSError, RuntimeError)) or (isinstance(err, ValueError)
+                                                        and _HDF5_ERRNO.search(str(err)) is not None)
+
+
+_HDF5_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def write_failure(err: BaseException) -> str:
+    """Why a write failed, in words: the errno's text (h5py's errors carry it inside HDF5's message,
+    e.g. 'No space left on device'), else the error's first line."""
+    if isinstance(err, OSError) and err.errno:
+        return os.strerror(err.errno)
+    found = _HDF5_ERRNO.search(str(err))
+    if found:
+        return os.strerror(int(found.group(1)))
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
 def _atomic_write(path: Path, fill) -> None:
     """Write `path` whole through a temporary file, fsync, rename: a job killed at any moment
     leaves the previous file intact. A write that fails (a full disk, a quota, a read-only file
-    system) removes the temporary file and is one clear error; the previous file stays."""
+    system) closes every HDF5 object (`new_h5`), removes the temporary file and is one clear error;
+    the previous file stays."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with h5py.File(tmp, "w") as f:
+        with new_h5(tmp) as f:
             fill(f)
-            f.flush()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:       # h5py reports a failed flush/close as RuntimeError
+    except (OSError, RuntimeError, ValueError) as e:
+        if not is_write_failure(e):
+            tmp.unlink(missing_ok=True)
+            raise
         _failed_write(path, tmp, e)
 
 
@@ -110,8 +231,7 @@ def _failed_write(path: Path, tmp: Path | None, err: BaseException) -> None:
             tmp.unlink(missing_ok=True)
     except OSError:
         pass
-    reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).splitlines()[0]
-    raise PFedMoAPError(f"{path}: could not be written ({reason}); the previous version, if any, is "
+    raise PFedMoAPError(f"{path}: could not be written ({write_failure(err)}); the previous version, if any, is "
                         f"intact (full disk or quota? free space, then resume)") from None
 
 
@@ -126,18 +246,35 @@ def _row_chunks(n_rounds: int, row_shape: tuple[int, ...], itemsize: int) -> tup
     return (rows, *row_shape)
 
 
+def row_fill(dtype) -> object:
+    """What a reserved row holds until its round is written (docs/hdf5-layout.md): NaN for floats,
+    -1 for integers (no count, no client id), False for booleans (not participated, not evaluated)."""
+    kind = np.dtype(dtype).kind
+    return np.nan if kind in "fc" else (False if kind == "b" else -1)
+
+
 def _create_rounds_dataset(group: h5py.Group, name: str, n_rounds: int, row_shape: tuple[int, ...],
-                           dtype, info: Field | None) -> h5py.Dataset:
-    """(n_rounds, *row_shape), resizable on the round axis, every chunk allocated now (H5D_ALLOC_TIME_EARLY)
-    and never filled (sparse until written): a round's row is later written in place, and no write
-    after the file's creation allocates space or touches the chunk index."""
+                           dtype, info: Field | None, fill_from: int = 0) -> h5py.Dataset:
+    """(n_rounds, *row_shape), resizable on the round axis, every chunk allocated now
+    (H5D_ALLOC_TIME_EARLY) and rows `fill_from..` written with the fill (`row_fill`, also the data
+    set's declared fillvalue): a round's row is later written in place, no write after the file's
+    creation allocates space or touches the chunk index, and a row not written yet reads as NaN
+    (-1, False), never as a fake 0. The fill is written by plain writes, not by HDF5 at creation
+    (H5D_FILL_TIME_NEVER): a creation that fails on a full disk leaves HDF5 a half-made data set
+    that crashes the process at exit; a failed write is a clean error."""
     dtype = np.dtype(dtype)
+    fill = row_fill(dtype)
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_fill_value(np.array(fill, dtype))
+    chunks = _row_chunks(n_rounds, row_shape, dtype.itemsize)
     ds = group.create_dataset(name, shape=(n_rounds, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
-                              chunks=_row_chunks(n_rounds, row_shape, dtype.itemsize), dcpl=dcpl,
-                              track_times=False)
+                              chunks=chunks, dcpl=dcpl, track_times=False)
+    step = chunks[0] * max(1, (16 << 20) // max(1, CHUNK_BYTES))       # whole chunks, about 16 MiB a write
+    for a in range(fill_from, n_rounds, step):
+        b = min(n_rounds, a + step)
+        ds[a:b] = np.full((b - a, *row_shape), fill, dtype)
     if info is not None:
         ds.attrs["units"] = info.units
         ds.attrs["description"] = info.description
@@ -216,6 +353,10 @@ class Results:
         if self._file is None:
             self.create()
         f = self._file
+        with quiet_release():
+            self._commit(f)
+
+    def _commit(self, f: h5py.File) -> None:
         try:
             for rec in self._pending:
                 self._write_row(self._written, rec)
@@ -230,7 +371,9 @@ class Results:
                 f.attrs.modify("status", self.attrs["status"])
                 self._status = self.attrs["status"]
             f.flush()
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, ValueError) as e:
+            if not is_write_failure(e):
+                raise
             self._abandon()
             _failed_write(self.path, None, e)
 
@@ -249,13 +392,15 @@ class Results:
         if self._file is None:
             return
         try:
-            if self._carry and self.attrs["status"] in FINISHED and not self._pending:
-                self.attrs["final_write_time"] = self._carry
-                self._file.attrs.modify("final_write_time", np.float64(self._carry))
-                self._carry = 0.0
-            self._file.close()
+            with quiet_release():
+                if self._carry and self.attrs["status"] in FINISHED and not self._pending:
+                    self.attrs["final_write_time"] = self._carry
+                    self._file.attrs.modify("final_write_time", np.float64(self._carry))
+                    self._carry = 0.0
+                self._rows = {}
+                self._file.close()
         except (OSError, RuntimeError) as e:
-            self._file = None
+            self._abandon()
             _failed_write(self.path, None, e)
         self._file = None
         n = self.rounds_done
@@ -263,11 +408,9 @@ class Results:
             _rewrite_results(self.path, n, self.phases, int(self.attrs["world_size"]), dict(self.attrs))
 
     def _abandon(self) -> None:
-        try:
-            self._file.close()
-        except Exception:   # noqa: BLE001 - the file is already in error; what was committed stays
-            pass
-        self._file = None
+        """After a failed write: close the file and its data sets (`discard`); what was committed stays."""
+        discard(self._file)
+        self._file, self._rows = None, {}
 
     # -------------------------------------------------------------- the file
     def _shapes(self) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -402,14 +545,13 @@ def _rewrite_results(path: Path, n: int, phases: list[str], world: int, attrs: d
                 field_info = info.get(k) or (Field(dtype, _plain(old.attrs.get("units", "")),
                                                    _plain(old.attrs.get("description", "")))
                                              if old is not None else None)
-                ds = _create_rounds_dataset(g, k, reserve, shape, dtype, field_info)
+                ds = _create_rounds_dataset(g, k, reserve, shape, dtype, field_info, fill_from=n)
                 row_bytes = max(1, np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64)))
                 step = max(1, (64 << 20) // row_bytes)
                 for a in range(0, n, step):
                     b = min(n, a + step)
                     if old is None:                    # evaluated: every client, before schema 3
-                        block = np.full((b - a, *shape), k == "evaluated" if np.dtype(dtype) == bool
-                                        else (np.nan if np.dtype(dtype).kind == "f" else -1), dtype)
+                        block = np.full((b - a, *shape), True if k == "evaluated" else row_fill(dtype), dtype)
                     elif k == "phase_time":
                         block = np.full((b - a, *shape), np.nan, np.float32)
                         got = old[a:b]
@@ -436,13 +578,18 @@ def follow(path: str | Path, poll: float = 0.5, sleep=None):
     wall_time, status) in round order, each round once, and returns when the run's status is
     complete or stopped and every round has been yielded. Waits for the file to appear. The file is
     opened afresh at each poll (no HDF5 locking) and only rows not yielded yet are read; a resumed
-    run's file, cut back to its checkpoint, is followed from the first round not yielded yet."""
+    run's file, cut back to its checkpoint, is followed from the first round not yielded yet.
+
+    A run whose writer is gone (killed, or failed) while its file still says `running` is one
+    PFedMoAPError: nobody holds the run-directory lock (`writer_alive`) at two polls in a row,
+    each time before a read that found no new round and no final status."""
     import time
     sleep = sleep or time.sleep
     path = Path(path)
     file = path / RESULTS if path.is_dir() or path.suffix != ".h5" else path
-    nxt, failures = 0, 0
+    nxt, failures, gone = 0, 0, 0
     while True:
+        alive = writer_alive(file.parent)        # before the read: a writer writes its status, then lets go
         try:
             rows, attrs = _rows_since(file, nxt) if file.is_file() else ([], None)
             failures = 0
@@ -456,6 +603,12 @@ def follow(path: str | Path, poll: float = 0.5, sleep=None):
             nxt = row["round"] + 1
         if attrs is not None and attrs["status"] in FINISHED and nxt >= attrs["rounds_done"]:
             return
+        gone = gone + 1 if attrs is not None and not alive and not rows else 0
+        if gone >= 2:
+            raise PFedMoAPError(f"{file}: no process is writing this run any more (status {attrs['status']!r} "
+                                f"at {attrs['rounds_done']} of {attrs['n_rounds']} rounds, and nobody holds "
+                                f"{file.parent / LOCK}): it was killed or failed; resume with: pfedmoap resume "
+                                f"{file.parent}")
         sleep(poll)
 
 
@@ -679,7 +832,7 @@ class RunLock:
         except OSError as e:
             raise PFedMoAPError(f"--out {run_dir}: cannot create {LOCK} ({e.strerror})") from None
         try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_retrying(self.fh, fcntl.LOCK_EX)
         except BlockingIOError:
             self.fh.seek(0)
             holder = self.fh.read().strip() or "another process"
@@ -700,16 +853,54 @@ class RunLock:
             self.fh.close()          # closing drops the flock; the file stays (harmless)
 
 
+def _flock_retrying(fh, kind: int, tries: int = 20, pause: float = 0.025) -> None:
+    """flock(kind | LOCK_NB), tried again for half a second: `writer_alive` holds a shared lock
+    for a few microseconds, which must not make a new run refuse its directory."""
+    import fcntl
+    import time
+    for i in range(tries):
+        try:
+            fcntl.flock(fh, kind | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if i == tries - 1:
+                raise
+            time.sleep(pause)
+
+
+def writer_alive(run_dir: Path) -> bool:
+    """Whether a process holds the run directory's lock (RunLock), i.e. a run is writing it: the kernel
+    drops the lock when its holder ends, however it ends (SIGKILL included). Probed with a shared
+    lock taken and dropped at once; where that cannot be told (no lock file support), True."""
+    import fcntl
+    try:
+        fh = open(Path(run_dir) / LOCK, "rb")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:             # BlockingIOError: held by a writer; others: cannot tell
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
 def open_run(run_dir: Path, if_exists: str, config_hash: str, expected: dict[str, tuple[int, ...]],
-             recorded_hash=lambda attrs: attrs["config_hash"]) -> tuple[int, dict[str, np.ndarray] | None, RunLock]:
+             recorded_hash=lambda attrs: attrs["config_hash"], hash_of_toml=None
+             ) -> tuple[int, dict[str, np.ndarray] | None, RunLock]:
     """The run-directory policy (rank 0): (rounds already done, checkpoint arrays or None, the lock).
 
     The directory is locked first (RunLock; release it when the run ends): a second run into it
     is refused. Then refuse: a directory that holds a run is an error; overwrite: its results and
-    checkpoint go; resume: its checkpoint must come from the same configuration and hold arrays of
-    the `expected` shapes (path -> shape), else one clear error before anything is computed.
-    `recorded_hash(attrs)`: the hash a checkpoint's attributes stand for (config.recorded_run_hash
-    also accepts the hashes of an earlier scheme)."""
+    checkpoint go; resume: its checkpoint, results.h5 and config.toml must all come from this run
+    (`config_hash`; `hash_of_toml(text)` gives a config text's run hash) and the checkpoint hold
+    arrays of the `expected` shapes (path -> shape) and no more rounds than results.h5, else one
+    clear error before anything is computed or any file of the directory rewritten.
+    `recorded_hash(attrs)`: the hash a checkpoint's or results.h5's attributes stand for
+    (config.recorded_run_hash also accepts the hashes of an earlier scheme)."""
     run_dir = Path(run_dir)
     if if_exists not in IF_EXISTS:
         raise PFedMoAPError(f"--if-exists {if_exists!r}: expected one of {', '.join(IF_EXISTS)}")
@@ -719,14 +910,15 @@ def open_run(run_dir: Path, if_exists: str, config_hash: str, expected: dict[str
         raise PFedMoAPError(f"--out {run_dir}: cannot create the directory ({e.strerror})") from None
     lock = RunLock(run_dir)
     try:
-        start, ckpt = _policy(run_dir, if_exists, config_hash, expected, recorded_hash)
+        start, ckpt = _policy(run_dir, if_exists, config_hash, expected, recorded_hash, hash_of_toml)
     except BaseException:
         lock.release()
         raise
     return start, ckpt, lock
 
 
-def _policy(run_dir: Path, if_exists: str, config_hash: str, expected: dict, recorded_hash) -> tuple[int, dict | None]:
+def _policy(run_dir: Path, if_exists: str, config_hash: str, expected: dict, recorded_hash,
+            hash_of_toml=None) -> tuple[int, dict | None]:
     start, ckpt = 0, None
     if has_run(run_dir):
         if if_exists == "refuse":
@@ -735,16 +927,69 @@ def _policy(run_dir: Path, if_exists: str, config_hash: str, expected: dict, rec
         if if_exists == "overwrite":
             for name in (RESULTS, CHECKPOINT):
                 (run_dir / name).unlink(missing_ok=True)
-        elif (run_dir / CHECKPOINT).exists():
-            attrs, arrays = read_checkpoint(run_dir, lazy=("clients/state",))
-            file = run_dir / CHECKPOINT
-            if recorded_hash(attrs) != config_hash:
-                raise PFedMoAPError(f"{file}: written by a different configuration (config hash "
-                                    f"{attrs['config_hash']} != {config_hash}); refusing to resume")
-            for key, shape in expected.items():
-                got = arrays.get(key)
-                if got is None or got.shape != tuple(shape):
-                    raise PFedMoAPError(f"{file}: {key} has shape {None if got is None else got.shape}, "
-                                        f"this run expects {tuple(shape)} (a checkpoint of another run?)")
-            start, ckpt = int(attrs["round"]), arrays
+        else:
+            if (run_dir / CHECKPOINT).exists():
+                start, ckpt = _resumable(run_dir, config_hash, expected, recorded_hash)
+            _same_run(run_dir, config_hash, start, expected, recorded_hash, hash_of_toml)
     return start, ckpt
+
+
+def _resumable(run_dir: Path, config_hash: str, expected: dict, recorded_hash) -> tuple[int, dict]:
+    """(round, arrays) of the run directory's checkpoint, if it is this configuration's."""
+    attrs, arrays = read_checkpoint(run_dir, lazy=("clients/state",))
+    file = run_dir / CHECKPOINT
+    if recorded_hash(attrs) != config_hash:
+        raise PFedMoAPError(f"{file}: written by a different configuration (config hash "
+                            f"{attrs['config_hash']} != {config_hash}); refusing to resume")
+    for key, shape in expected.items():
+        got = arrays.get(key)
+        if got is None or got.shape != tuple(shape):
+            raise PFedMoAPError(f"{file}: {key} has shape {None if got is None else got.shape}, "
+                                f"this run expects {tuple(shape)} (a checkpoint of another run?)")
+    return int(attrs["round"]), arrays
+
+
+def _same_run(run_dir: Path, config_hash: str, ckpt_round: int, expected: dict, recorded_hash,
+              hash_of_toml) -> None:
+    """Resuming: results.h5 and config.toml are this run's (the checkpoint's, when there is one), and
+    results.h5 holds every round the checkpoint covers; else one error and nothing rewritten (a
+    checkpoint copied in from another run would otherwise cut and overwrite this one's files)."""
+    file = run_dir / RESULTS
+    refuse = "refusing to resume (a file copied in from another run?); nothing was changed"
+    if not file.exists():
+        if ckpt_round:
+            raise PFedMoAPError(f"{run_dir}: holds {CHECKPOINT} (round {ckpt_round}) but no {RESULTS}; {refuse}")
+    else:
+        attrs = read_results(file, rounds=False)["attrs"]
+        if attrs.get("schema_version") not in READABLE_RESULTS:
+            raise PFedMoAPError(f"{file}: schema version {attrs.get('schema_version')}, this pfedmoap reads "
+                                f"{', '.join(map(str, READABLE_RESULTS))}; {refuse}")
+        have = recorded_hash(attrs) if "config_hash" in attrs else None
+        if have is None and hash_of_toml is not None and isinstance(attrs.get("config"), str):
+            have = _hash_of(file, attrs["config"], hash_of_toml)           # schema 1 files
+        if have is not None and have != config_hash:
+            raise PFedMoAPError(f"{file}: written by a different configuration (run hash {have} != "
+                                f"{config_hash}); {refuse}")
+        shape = expected.get("clients/state")
+        if shape is not None and int(attrs["n_clients"]) != shape[0]:
+            raise PFedMoAPError(f"{file}: {attrs['n_clients']} clients, the checkpoint {shape[0]}; {refuse}")
+        if int(attrs["rounds_done"]) < ckpt_round:
+            raise PFedMoAPError(f"{file}: holds {attrs['rounds_done']} rounds but {CHECKPOINT} {ckpt_round}; "
+                                f"{refuse}")
+    toml = run_dir / "config.toml"
+    if toml.exists() and hash_of_toml is not None:
+        try:
+            text = toml.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PFedMoAPError(f"{toml}: unreadable ({e}); {refuse}") from None
+        have = _hash_of(toml, text, hash_of_toml)
+        if have != config_hash:
+            raise PFedMoAPError(f"{toml}: another configuration (run hash {have} != {config_hash}); {refuse}")
+
+
+def _hash_of(file: Path, text: str, hash_of_toml) -> str:
+    try:
+        return hash_of_toml(text)
+    except Exception as e:  # noqa: BLE001 - an edited or foreign file: TOML or validation errors alike
+        raise PFedMoAPError(f"{file}: not a valid configuration ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            f"refusing to resume, nothing was changed") from None

@@ -11,15 +11,18 @@ is built: the name's `-quickgelu` variant where open_clip has one (`RN50` -> `RN
 else the same config with QuickGELU forced.
 
 Weight files: a TorchScript archive (OpenAI's releases, what the reference code's `clip` package
-downloads) is opened with torch.jit.load and only its state dict is used; anything else is read
-as tensors only - `.safetensors`, or torch.load(weights_only=True) for open_clip state dicts
-(`.pt`, `.bin`, `.pth`), which refuses pickles that would run code.
+downloads) is read as data, its tensors only, without running any of its TorchScript
+(`read_torchscript_state`; torch.jit.load would run it); anything else is read as tensors only:
+`.safetensors`, or torch.load(weights_only=True) for open_clip state dicts (`.pt`, `.bin`,
+`.pth`), which refuses pickles that would run code.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -98,6 +101,151 @@ def is_torchscript_archive(path: str | Path) -> bool:
         return False
 
 
+# ---------------------------------------------------------------- TorchScript archives, read as data
+#
+# A TorchScript archive is a zip: <top>/data.pkl pickles the module tree (each module an object of
+# class `__torch__.<...>` whose state is a dict of its attributes: tensors, submodules, plain
+# values), its tensors' bytes are <top>/data/<key>, and <top>/code/**.py holds each class's
+# TorchScript source, whose `__parameters__` / `__buffers__` lines name the attributes that
+# state_dict() returns. data.pkl is read with an unpickler that builds only plain values, tensors
+# (torch._utils._rebuild_tensor_v2 over the archive's storages) and inert module objects; the code is
+# only read as text for those two lines. Nothing of the archive runs.
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "DoubleStorage": torch.float64,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+_CLASS = re.compile(r"^class (\w+)\(Module\):\n  __parameters__ = \[(.*?)\]\n  __buffers__ = \[(.*?)\]\n", re.M)
+_NAME = re.compile(r'"(\w+)"')
+
+
+class _Refused(Exception):
+    pass
+
+
+class _ScriptModule:
+    """A module object of the archive, inert: it only keeps the state it is given."""
+    qualname = ""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _Storage:
+    def __init__(self, data: torch.Tensor):
+        self.data = data            # 1-D, the storage's elements
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, *rest):
+    if not isinstance(storage, _Storage) or hooks not in (None, {}) or len(rest) > 1 or any(r is not None for r in rest):
+        raise _Refused("a tensor of an unexpected form")
+    try:
+        return storage.data.as_strided(tuple(size), tuple(stride), int(offset)).clone()
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise _Refused(f"a tensor outside its storage ({_first_line(e)})") from None
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    def __init__(self, file, archive: zipfile.ZipFile, top: str):
+        super().__init__(file, encoding="utf-8")
+        self.archive, self.top, self.storages, self.classes = archive, top, {}, {}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "__torch__" or module.startswith("__torch__."):
+            key = f"{module}.{name}"
+            if key not in self.classes:
+                self.classes[key] = type(name, (_ScriptModule,), {"qualname": key})
+            return self.classes[key]
+        raise _Refused(f"the global {module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], torch.dtype) and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise _Refused(f"a persistent id {str(pid)[:60]}")
+        _, dtype, key, _location, numel = pid
+        if key not in self.storages:
+            try:
+                raw = self.archive.read(f"{self.top}/data/{key}")
+            except KeyError:
+                raise _Refused(f"a tensor whose data/{key} is missing") from None
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            if len(raw) != numel * itemsize:
+                raise _Refused(f"data/{key} of {len(raw)} bytes for {numel} elements of {dtype}")
+            data = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            self.storages[key] = _Storage(data)
+        return self.storages[key]
+
+
+def _module_classes(archive: zipfile.ZipFile, top: str) -> dict[str, tuple[list[str], list[str]]]:
+    """'__torch__.<module>.<Class>' -> (parameter names, buffer names), read from code/**.py as text."""
+    out = {}
+    code = f"{top}/code/"
+    for name in archive.namelist():
+        if not (name.startswith(code) and name.endswith(".py")):
+            continue
+        module = name[len(code):-len(".py")].replace("/", ".")
+        text = archive.read(name).decode("utf-8", "replace")
+        if "def __setstate__" in text:
+            raise _Refused(f"code that defines __setstate__ ({name[len(top) + 1:]})")
+        for cls, params, buffers in _CLASS.findall(text):
+            out[f"{module}.{cls}"] = (_NAME.findall(params), _NAME.findall(buffers))
+    return out
+
+
+def _state_dict(obj: _ScriptModule, classes: dict, prefix: str = "", out: dict | None = None) -> dict:
+    """Parameters and buffers of the module tree, named as torch's state_dict() names them."""
+    out = {} if out is None else out
+    state = getattr(obj, "state", None)
+    if obj.qualname not in classes or not isinstance(state, dict):
+        raise _Refused(f"an object of class {obj.qualname} that is not a plain module")
+    params, buffers = classes[obj.qualname]
+    for name in params + buffers:
+        value = state.get(name)
+        if value is not None:
+            if not isinstance(value, torch.Tensor):
+                raise _Refused(f"{prefix}{name}: not a tensor")
+            out[prefix + name] = value
+    for name, value in state.items():
+        if isinstance(value, _ScriptModule):
+            _state_dict(value, classes, f"{prefix}{name}.", out)
+    return out
+
+
+def read_torchscript_state(path: str | Path, what: str = "") -> dict[str, torch.Tensor]:
+    """The state dict (parameters and buffers, as torch.jit.load(path).state_dict() gives it) of a
+    TorchScript archive, read without running any of it. Anything but plain modules of tensors
+    (another global, a class with its own __setstate__, a tensor outside its storage) is refused in
+    one line (PFedMoAPError)."""
+    what = what or f"{path}"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            tops = [n[:-len("/data.pkl")] for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(tops) != 1:
+                raise _Refused("no single <top>/data.pkl")
+            top = tops[0]
+            order = archive.read(f"{top}/byteorder").strip() if f"{top}/byteorder" in archive.namelist() else b"little"
+            if order != b"little":
+                raise _Refused(f"tensors stored in byte order {order.decode(errors='replace')!r}")
+            classes = _module_classes(archive, top)
+            with archive.open(f"{top}/data.pkl") as fh:
+                root = _ArchiveUnpickler(fh, archive, top).load()
+        if not isinstance(root, _ScriptModule):
+            raise _Refused("data.pkl does not hold a module")
+        return _state_dict(root, classes)
+    except _Refused as e:
+        raise PFedMoAPError(f"{what}: refused: a TorchScript archive holding {e} (only OpenAI-style archives "
+                            f"of plain modules and tensors are read, and none of their code is run)") from None
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, pickle.UnpicklingError, ValueError, TypeError,
+            AttributeError, IndexError) as e:
+        raise PFedMoAPError(f"{what}: a damaged TorchScript archive ({type(e).__name__}: {_first_line(e)})") from None
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     """A weight file -> (state dict of tensors, whether the weights are OpenAI's and need QuickGELU).
 
@@ -108,15 +256,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     openai = False
     if is_torchscript_archive(path):
         # OpenAI's released RN50.pt / ViT-B-16.pt are TorchScript archives, which
-        # torch.load(weights_only=True) refuses. As open_clip's own OpenAI loader does, the archive
-        # is opened with torch.jit.load (which compiles the archive's TorchScript code but runs none
-        # of its methods besides what loading itself runs) and only its state dict is kept; the
-        # scripted modules are dropped. Trust such a file as you would the code that made it.
-        try:
-            state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        except Exception as e:  # noqa: BLE001 - a damaged archive: one line
-            raise PFedMoAPError(f"{what}: a TorchScript archive that torch.jit.load cannot open (only its "
-                                f"state dict would be used): {_first_line(e)}") from None
+        # torch.load(weights_only=True) refuses. torch.jit.load would run the archive's TorchScript
+        # (a module's __setstate__ runs while loading: it can write any file), so the tensors are
+        # read from the archive without it (`read_torchscript_state`).
+        state = read_torchscript_state(path, what)
         openai = True
     elif path.suffix == ".safetensors":
         try:

@@ -237,13 +237,10 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
     allowed[("numpy", "ndarray")] = np.ndarray
     allowed[("numpy", "dtype")] = np.dtype
     for core in ("numpy.core", "numpy._core"):        # files written under numpy 1.x and 2.x
-        for name in ("_reconstruct", "scalar"):
-            allowed[(f"{core}.multiarray", name)] = _numpy_helper(name)
-        allowed[(f"{core}.numeric", "_frombuffer")] = _numpy_helper("_frombuffer")
+        allowed[(f"{core}.multiarray", "_reconstruct")] = _numpy_helper("_reconstruct")
+        allowed[(f"{core}.multiarray", "scalar")] = _checked_scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = _checked_frombuffer
     return allowed
-
-
-_ALLOWED = _allowed_globals()
 
 
 class _Refused(pickle.UnpicklingError):
@@ -252,9 +249,43 @@ class _Refused(pickle.UnpicklingError):
         self.what = what
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+def _check_dtype(dt, raw_memory: bool) -> None:
+    """A dtype is accepted only as numpy itself would build it from its type string, so that raw
+    bytes are never read as object pointers: a pickle can relabel an int64 array as object dtype and
+    clear the dtype's flags (its pickled state) so that numpy takes the array's bytes as pointers.
+    Structured dtypes are refused (no data file of ours has them); object dtype only where its items
+    come as Python objects, never as raw memory (`raw_memory`)."""
+    if not isinstance(dt, np.dtype):
+        raise _Refused(f"a numpy array whose dtype is a {type(dt).__name__}")
+    if dt.fields is not None or dt.subdtype is not None:
+        raise _Refused(f"a numpy array of structured dtype {dt}")
+    canonical = np.dtype(dt.str)
+    if dt.flags != canonical.flags or dt.itemsize != canonical.itemsize or dt.kind != canonical.kind:
+        raise _Refused(f"a numpy {dt.name} dtype with forged flags (raw bytes relabelled as {dt.name})")
+    if raw_memory and dt.hasobject:
+        raise _Refused("a numpy object array given as raw memory")
+
+
+def _checked_scalar(dtype, *args):
+    _check_dtype(dtype, raw_memory=False)      # object dtype: numpy returns the object as given
+    return _numpy_helper("scalar")(dtype, *args)
+
+
+def _checked_frombuffer(buf, dtype, *args):
+    _check_dtype(dtype, raw_memory=True)
+    return _numpy_helper("_frombuffer")(buf, dtype, *args)
+
+
+_ALLOWED = _allowed_globals()
+
+
+class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler for data files from a shared directory: it builds plain containers, numbers,
-    strings and numpy arrays, and refuses every other global (so a crafted file cannot run code)."""
+    strings and numpy arrays, and refuses every other global (so a crafted file cannot run code).
+
+    numpy arrays and dtypes are restored by BUILD (their __setstate__), which a crafted file can
+    give any state: this pure-Python unpickler checks each such state first (`_check_dtype`), so an
+    array never holds raw bytes read as object pointers (the C unpickler cannot be hooked there)."""
 
     def find_class(self, module: str, name: str):
         obj = _ALLOWED.get((module, name))
@@ -264,6 +295,20 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise _Refused(f"persistent id {str(pid)[:40]!r}")
+
+    def load_build(self):
+        inst, state = self.stack[-2], self.stack[-1]
+        if isinstance(inst, np.ndarray):
+            if not (isinstance(state, tuple) and len(state) == 5):
+                raise _Refused("a numpy array with a malformed state")
+            dt, data = state[2], state[4]
+            _check_dtype(dt, raw_memory=not isinstance(data, list))
+        super().load_build()
+        if isinstance(inst, np.dtype):
+            _check_dtype(inst, raw_memory=False)
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def _refused(path: Path, what: str) -> PFedMoAPError:

@@ -5,6 +5,7 @@ which other images a rank happened to need (identical results at any number of r
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ import h5py
 import numpy as np
 import torch
 
-from .. import rng
+from .. import rng, store
 from ..errors import PFedMoAPError
 
 CHUNK = 256
@@ -122,10 +123,30 @@ def write(path: Path, feats: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PFedMoAPError(f"data.cache_dir = {str(path.parent)!r}: cannot create: {e.strerror}") from None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with h5py.File(tmp, "w") as f:
+    with _cache_file(path) as f:
         f.create_dataset("features", data=feats)
-    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _cache_file(path: Path):
+    """`with _cache_file(path) as f:` a new cache file written through a temporary file renamed over
+    `path` at the end. A write that fails (a full disk, a quota, a read-only file system) closes
+    every HDF5 object (store.new_h5), removes the temporary file and is one line naming
+    data.cache_dir; nothing is left behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with store.new_h5(tmp) as f:
+            yield f
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, ValueError) as e:
+        if not store.is_write_failure(e):
+            raise
+        raise PFedMoAPError(f"data.cache_dir = {str(path.parent)!r}: the feature cache {path.name} could not be "
+                            f"written ({store.write_failure(e)}); free space or set data.cache_dir to a directory "
+                            f"with room (or to \"\" for no cache)") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 # ---------------------------------------------------------------------------- dense (patch) features
@@ -210,19 +231,13 @@ def write_dense(path: Path, backbone, split) -> None:
         raise PFedMoAPError(f"data.cache_dir = {str(path.parent)!r}: cannot create: {e.strerror}") from None
     n = len(split)
     M, D = dense_shape(backbone)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            fx = f.create_dataset("features", (n, D), np.float32)
-            fd = f.create_dataset("dense", (n, M, D), DENSE_DTYPE, chunks=(max(1, min(DENSE_ROWS, n)), M, D))
-            f.attrs["format"] = DENSE_FORMAT
-            for start, stop, x, dense in _dense_chunks(backbone, split, np.ones(n, bool)):
-                fx[start:stop] = x
-                fd[start:stop] = dense
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _cache_file(path) as f:
+        fx = f.create_dataset("features", (n, D), np.float32)
+        fd = f.create_dataset("dense", (n, M, D), DENSE_DTYPE, chunks=(max(1, min(DENSE_ROWS, n)), M, D))
+        f.attrs["format"] = DENSE_FORMAT
+        for start, stop, x, dense in _dense_chunks(backbone, split, np.ones(n, bool)):
+            fx[start:stop] = x
+            fd[start:stop] = dense
 
 
 def read_dense(path: Path, n: int, shape: tuple[int, int], indices: np.ndarray
@@ -352,15 +367,9 @@ class FreshViews:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise PFedMoAPError(f"data.cache_dir = {str(path.parent.parent)!r}: cannot create: {e.strerror}") from None
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("features", data=x)
-                f.attrs.update(format=FRESH_FORMAT, round=round_, seed=self.seed)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with _cache_file(path) as f:
+            f.create_dataset("features", data=x)
+            f.attrs.update(format=FRESH_FORMAT, round=round_, seed=self.seed)
 
     def precompute(self, cid: int, round_: int) -> bool:
         """Make sure the block's cache file exists (computed and written if not); True if computed.
