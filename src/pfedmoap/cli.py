@@ -15,6 +15,26 @@ from pathlib import Path
 from .errors import PFedMoAPError, ReportedElsewhere
 
 
+def _out(text: str) -> None:
+    """Print a result to stdout. A reader that goes away (`pfedmoap table runs T | head`) raises
+    BrokenPipeError here once; stdout is then pointed at /dev/null so that nothing (not the
+    interpreter's last flush either) writes to the closed pipe again, and main ends quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _drop_stdout()
+        raise
+
+
+def _drop_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+EXIT_PIPE = 128 + signal.SIGPIPE       # what a shell shows for a writer its reader left
+
+
 class _UsageError(PFedMoAPError):
     """Bad command-line syntax (argparse's errors), as one line instead of usage + message."""
 
@@ -67,10 +87,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, MPI library, world size, devices")
     data = sub.add_parser("data", help="data-set tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    chk = dsub.add_parser("check", help="validate a data root and print per-split counts")
-    chk.add_argument("--dataset", required=True)
-    chk.add_argument("--root", default="")
-    chk.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    from .data.datasets import available
+    chk = dsub.add_parser("check", help="validate a data root and print per-split counts",
+                          description="Load a data set from its root, open and decode every image it "
+                          "uses, and print its split counts, classes and domains; a wrong layout is one "
+                          "line naming the path and the layout expected (docs/reproducing.md).")
+    chk.add_argument("--dataset", required=True, metavar="NAME",
+                     help=f"the data set: one of {', '.join(available())}")
+    chk.add_argument("--root", default="", metavar="DIR",
+                     help="the folder that holds it (data.root; the embedded ones need none)")
+    chk.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other data key as a run would get it, e.g. --set data.domains=clipart,sketch")
     tab = sub.add_parser("table", help="the paper's tables: list them, or one table's runs")
     tab.add_argument("action", choices=("list", "runs"))
     tab.add_argument("name", nargs="?", metavar="TABLE")
@@ -96,7 +123,7 @@ def _configs(args) -> list:
             return cfgs
         todo = [c for c in cfgs if not tables.is_complete(c)]       # complete runs are kept as they are
         if len(todo) < len(cfgs) and comm_mod.launcher_rank() == 0:
-            print(f"# table {args.table}: {len(cfgs) - len(todo)} of {len(cfgs)} runs already complete: kept")
+            _out(f"# table {args.table}: {len(cfgs) - len(todo)} of {len(cfgs)} runs already complete: kept")
         return todo
     base = None if args.config else config.QUICKSTART
     cfg = config.load(args.config, args.sets, base=base, overlays=args.overlays)
@@ -117,12 +144,25 @@ def _configs(args) -> list:
 def _run(configs, comm, if_exists: str) -> int:
     from . import config, federation
     from .data.partition import partition_summary
-    say = print if comm.rank == 0 else (lambda *a, **k: None)
+    current = {"out": None}
+
+    def say(text: str) -> None:
+        """Rank 0's console. If its reader goes away (`| head`), the run is not killed mid-round:
+        it stops at the round's end with its checkpoint, as on SIGTERM, and says so on stderr."""
+        if comm.rank != 0:
+            return
+        try:
+            _out(text)
+        except BrokenPipeError:
+            federation.request_stop()
+            print(f"# stdout closed: stopping after this round; resume with: pfedmoap resume {current['out']}",
+                  file=sys.stderr, flush=True)
     if not configs:                       # run --table --if-exists resume: every run was complete
         say("nothing left to run")
         return 0
     outcomes = []
     for cfg in configs:
+        current["out"] = cfg.out
         say(_header(cfg, comm.size))
         fed = federation.Federation(cfg, comm, log=say)
         say(_clip_lines(partition_summary(fed.partition, fed.dataset), 21))
@@ -132,17 +172,36 @@ def _run(configs, comm, if_exists: str) -> int:
             say(f"stopped on a signal; checkpoint written to {cfg.out}; resume with: pfedmoap resume {cfg.out}")
             return federation.EXIT_STOPPED
     if comm.rank == 0:
-        print(_final_table(outcomes))
+        _out(_final_table(outcomes))
         if len(configs) > 1 and all(c.rounds == config.QUICKSTART["rounds"] for c in configs):
-            print(config.QUICKSTART_NOTE)
+            _out(config.QUICKSTART_NOTE)
     return 0
 
 
 def _header(cfg, size: int) -> str:
-    """One line per run (the full config is in results.h5): what runs, on what, where."""
+    """One line per run (the full config is in results.h5): what runs, on what, where; the rounds
+    are the method's (a one-round method's 1, whatever `rounds` says)."""
+    from . import algorithms
     d = cfg.data
-    return (f"# pfedmoap {cfg.algorithm}: {d.dataset}, {d.partition} partition, {d.n_clients} clients, "
-            f"{cfg.rounds} rounds, world size {size} -> {cfg.out}")
+    rounds = algorithms.get(cfg.algorithm).rounds_for(cfg)
+    return (f"# pfedmoap {cfg.algorithm}: {d.dataset}, {d.partition} partition, {_plural(d.n_clients, 'client')}, "
+            f"{_plural(rounds, 'round')}, world size {size} -> {cfg.out}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _refuse_held(configs) -> None:
+    """`run` without --if-exists into directories that already hold runs: one line naming the
+    first, how many more there are, and the two ways on (store.open_run refuses it again, later)."""
+    from .store import has_run
+    held = [c.out for c in configs if has_run(Path(c.out))]
+    if held:
+        more = (f" (and {len(held) - 1} more of this command's {len(configs)} run directories)"
+                if len(held) > 1 else "")
+        raise PFedMoAPError(f"{held[0]}: already holds a run{more}; pass --if-exists resume to continue "
+                            "or --if-exists overwrite to start again, or choose another --out")
 
 
 def check_writable_dir(path: str, what: str) -> None:
@@ -216,9 +275,9 @@ def _info(comm) -> int:
              f"open_clip {open_clip.__version__}", store.library_versions(), comm_mod.library_versions(),
              f"world size {comm.size}"]
     cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    lines.append(f"devices: cpu ({torch.get_num_threads()} threads)" + "".join(f", cuda:{i} {n}" for i, n in enumerate(cuda)))
+    lines.append(f"devices: cpu ({_plural(torch.get_num_threads(), 'thread')})" + "".join(f", cuda:{i} {n}" for i, n in enumerate(cuda)))
     if comm.rank == 0:
-        print("\n".join(lines))
+        _out("\n".join(lines))
     return 0
 
 
@@ -226,7 +285,7 @@ def _data_check(args) -> int:
     from . import config
     from .data.disk import check_root
     cfg = config.load(None, args.sets + [f"data.dataset={args.dataset}"] + ([f"data.root={args.root}"] if args.root else []))
-    print(check_root(cfg.data))
+    _out(check_root(cfg.data))
     return 0
 
 
@@ -242,11 +301,11 @@ def _follow(run_dirs: list[str]) -> int:
     if not (path / store.RESULTS).exists() and not path.is_file():
         print(f"# waiting for {path / store.RESULTS}", file=sys.stderr, flush=True)
     for row in store.follow(path):
-        print(store.round_line(row["round"], row["n_rounds"], row["accuracy"], row["participants"],
-                               row["evaluated"], row["n_clients"], row["wall_time"], digits=2), flush=True)
+        _out(store.round_line(row["round"], row["n_rounds"], row["accuracy"], row["participants"],
+                              row["evaluated"], row["n_clients"], row["wall_time"], digits=2))
     attrs = store.read_results(path, rounds=False)["attrs"]
-    print(f"# run {attrs['status']}: {attrs['rounds_done']} of {attrs['n_rounds']} rounds"
-          + (f"; resume with: pfedmoap resume {path}" if attrs["status"] == "stopped" else ""), flush=True)
+    _out(f"# run {attrs['status']}: {attrs['rounds_done']} of {attrs['n_rounds']} rounds"
+         + (f"; resume with: pfedmoap resume {path}" if attrs["status"] == "stopped" else ""))
     return 0
 
 
@@ -278,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 configs = _configs(args)      # validated before the heavy imports: bad input fails fast
                 if comm.rank == 0:            # the run directories: rank 0 writes them
+                    if args.if_exists == "refuse":
+                        _refuse_held(configs)     # before any set-up (data, model): seconds, not a minute
                     if args.out:
                         check_writable_dir(args.out, "--out")
                     for cfg in configs:
@@ -296,11 +357,11 @@ def main(argv: list[str] | None = None) -> int:
             from .analysis import report_main
             if args.plot is not None:
                 check_writable_dir(args.plot, "--plot")
-            print(report_main(args.run_dirs, args.format, args.plot, table=args.table, tables_file=args.tables))
+            _out(report_main(args.run_dirs, args.format, args.plot, table=args.table, tables_file=args.tables))
             return 0
         if args.command == "table":
             from .tables import table_main
-            print(table_main(args.action, args.name, args.tables, args.out, args.count, args.sets))
+            _out(table_main(args.action, args.name, args.tables, args.out, args.count, args.sets))
             return 0
         if args.command == "info":
             return _info(comm)
@@ -318,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:          # the reader of stdout went away (| head): no traceback
+        _drop_stdout()
+        if comm.size > 1:
+            comm.abort(EXIT_PIPE)
+        return EXIT_PIPE
     except Exception as e:  # noqa: BLE001 - a crash on one rank must end the whole world
         comm_mod.fail(comm, e)
     return 1
