@@ -157,7 +157,7 @@ def client_accuracy_figure(groups: list[Group], title: str = ""):
     for patch, (_, colour, _) in zip(boxes["boxes"], _styles(groups)):
         patch.set(facecolor=colour, alpha=0.6)
     ax.set_xticks(range(1, len(groups) + 1), [_box_label(g, f) for g, f in zip(groups, finals)],
-                  rotation=20, ha="right")
+                  fontsize="small")
     ax.set(ylabel="final accuracy per client (%)", title=title)
     return fig
 
