@@ -237,7 +237,7 @@ def _final_table(outcomes) -> str:
     lines = ["", "mean client accuracy per round (%)", head, "-" * len(head)]
     for cfg, o in outcomes:
         accs = {i: a for i, a in enumerate(o.mean_accuracy)}
-        # a one-round method (zeroshot) is shown at every round for comparison
+        # a one-round method (a frozen model evaluated once) is shown at every round for comparison
         cells = (accs.get(i, o.mean_accuracy[-1]) for i in shown)   # NaN: a round that evaluated nobody
         lines.append(f"{cfg.algorithm:<12}" + "".join(f"{100 * a:8.2f}" if a == a else f"{'-':>8}" for a in cells))
     domains = list(outcomes[0][1].domain_accuracy)

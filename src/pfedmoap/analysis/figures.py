@@ -1,6 +1,6 @@
 """Figures (PNG, matplotlib without pyplot): per setting the mean accuracy per round and the final
 per-client accuracies, one colour per method in report order; per run, the figures its method
-draws itself (its manifest's `figures`, e.g. pFedMoAP's experts and gating)."""
+draws itself (its manifest's `figures`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,7 +44,7 @@ def setting(run: Run) -> str:
 
 
 def run_label(run: Run, variant: str = "") -> str:
-    """`pFedMoAP [variant], seed 0`: which run a per-run figure shows."""
+    """`<label> [variant], seed 0`: which run a per-run figure shows (the label: the manifest's)."""
     return " ".join([methods.label(run.algorithm)] + ([variant] if variant else [])) + f", seed {run.seed}"
 
 
@@ -103,7 +103,7 @@ def plot_runs(runs: list[Run], out_dir: str | Path, skipped: list[str] | None = 
 
 def accuracy_figure(groups: list[Group], title: str = ""):
     """Mean client accuracy (%) per round, one line per group in its method's colour, the band
-    ± std over its seeds (named so in the legend); a one-round run (zero-shot) as a dashed level
+    ± std over its seeds (named so in the legend); a one-round run (a frozen model evaluated once) as a dashed level
     across the axis. Integer round ticks; the legend outside the axes."""
     from matplotlib.legend_handler import HandlerTuple
 
@@ -191,7 +191,7 @@ def _name(group: Group) -> str:
 
 
 def _legend(group: Group) -> str:
-    """`pFedMoAP [variant] (mean ± std over 3 seeds)`, or `(seed 0)` for one run."""
+    """`<label> [variant] (mean ± std over 3 seeds)`, or `(seed 0)` for one run."""
     run = group.runs[0]
     if len(group.runs) > 1:
         return f"{_name(group)} (mean ± std over {len(group.runs)} seeds)"
@@ -199,7 +199,7 @@ def _legend(group: Group) -> str:
 
 
 def _box_label(group: Group, finals: np.ndarray) -> str:
-    """`pFedMoAP (10 clients × 3 seeds)`: what the box pools, not a statistic over seeds."""
+    """`<label> (10 clients × 3 seeds)`: what the box pools, not a statistic over seeds."""
     n_seeds = len(group.runs)
     n_clients = len(finals) // n_seeds
     if n_seeds > 1:

@@ -11,7 +11,7 @@ def _manifests() -> dict:
 
 
 def label(name: str) -> str:
-    """The method's label for figures (`pFedMoAP`), or the name of an unknown method."""
+    """The method's label for figures (its manifest's), or the name of an unknown method."""
     m = _manifests().get(name)
     return m.label if m is not None else name
 
