@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pfedmoap import config, rng
-from pfedmoap.algorithms import ClientData
+from pfedmoap.algorithms.base import ClientData
 from pfedmoap.comm import LocalComm
 from pfedmoap.data import features
 from pfedmoap.errors import PFedMoAPError

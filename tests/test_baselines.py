@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pfedmoap import config, store
-from pfedmoap.algorithms.fedamp import attention
+from pfedmoap.algorithms.fedamp.method import attention
 from pfedmoap.algorithms.base import PromptState, fedavg
 from pfedmoap.comm import LocalComm
 from pfedmoap.errors import PFedMoAPError
@@ -94,8 +94,8 @@ class Trace:
             self.configure_fit.append(dict(r=r, participants=np.array(participants), state=snap, out=out))
             return out
 
-        def rec_configure_evaluate(r, _f=server.configure_evaluate):
-            out = _f(r)
+        def rec_configure_evaluate(r, evaluated, _f=server.configure_evaluate):
+            out = _f(r, evaluated)
             self.configure_evaluate.append(dict(r=r, out=out))
             return out
 
@@ -241,7 +241,7 @@ def _u_by_formula(store_, have, i, sigma, self_weight):
 
 def test_fedamp_downloads_are_the_attention_weighted_prompts(traced):
     t = traced["fedamp"]
-    f = t.cfg.fedamp
+    f = t.cfg.options
     assert (f.sigma, f.self_weight, f.lam) == (25.0, 0.5, 1.0)
     uploaded = np.zeros(N, bool)
     for r in range(ROUNDS):

@@ -28,8 +28,8 @@ def test_defaults_validate():
     config.validate(cfg)
     loaded = config.load(None, [])
     assert loaded == cfg
-    assert loaded.moe.n_experts == 10 and loaded.moe.router == "knn" and loaded.moe.lam == 0.5
-    assert loaded.prompt.n_ctx == 16 and loaded.train.lr == 0.002 and loaded.moe.gating_dim == 128
+    assert loaded.options.n_experts == 10 and loaded.options.router == "knn" and loaded.options.lam == 0.5
+    assert loaded.prompt.n_ctx == 16 and loaded.train.lr == 0.002 and loaded.options.gating_dim == 128
     quick = config.load(None, [], base=config.QUICKSTART)
     assert quick.rounds == config.QUICKSTART["rounds"] and quick.train.local_epochs == 2
 
@@ -40,7 +40,7 @@ def test_toml_then_overrides_with_coercion(tmp_path):
                  '[train]\nfrac = 0.5\nlr = 1\n'          # an int in TOML for a float field
                  '[data]\ndomains = ["clipart", "real"]\nbeta = 0.1\n'
                  '[run]\nprogress = false\n')
-    cfg = config.load(str(f), ["rounds=7", "train.batch_size=4", "moe.lam=0.25", "run.progress=yes",
+    cfg = config.load(str(f), ["rounds=7", "train.batch_size=4", "fedprox.mu=0.25", "run.progress=yes",
                                "run.shared_prefix=0", "data.domains=sketch, painting ,", "model.pretrained=",
                                "prompt.init=a photo of a"],
                       base={"rounds": 100, "data": {"n_clients": 4}})
@@ -49,12 +49,12 @@ def test_toml_then_overrides_with_coercion(tmp_path):
     assert cfg.rounds == 7 and type(cfg.rounds) is int
     assert cfg.train.batch_size == 4 and type(cfg.train.batch_size) is int
     assert cfg.train.frac == 0.5 and cfg.train.lr == 1.0 and type(cfg.train.lr) is float
-    assert cfg.moe.lam == 0.25 and type(cfg.moe.lam) is float
+    assert cfg.options.mu == 0.25 and type(cfg.options.mu) is float
     assert cfg.run.progress is True and cfg.run.shared_prefix is False
     assert cfg.data.domains == ["sketch", "painting"] and cfg.data.beta == 0.1
     assert cfg.model.pretrained == "" and cfg.prompt.init == "a photo of a"
     # untouched keys keep their defaults
-    assert cfg.train.momentum == 0.9 and cfg.moe.router == "knn"
+    assert cfg.train.momentum == 0.9 and cfg.train.warmup_epochs == 1
 
 
 def test_toml_round_trip_and_hash(tmp_path):
@@ -127,7 +127,8 @@ def test_extreme_but_valid_values_pass(sets):
 def test_validate_checks_a_config_built_in_code(field, value):
     cfg = config.Config()
     section, _, name = field.rpartition(".")
-    setattr(getattr(cfg, section) if section else cfg, name, value)
+    obj = cfg.options if section == cfg.section else getattr(cfg, section) if section else cfg
+    setattr(obj, name, value)
     with pytest.raises(PFedMoAPError, match=field.replace(".", r"\.")):
         config.validate(cfg)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pfedmoap.algorithms import fedavg
+from pfedmoap.algorithms.base import fedavg
 from pfedmoap.dp import privatize
 
 

@@ -1,4 +1,4 @@
-"""FedOTP (algorithms/fedotp.py): OT logits on patch features, the global prompt FedAvg'd and the
+"""FedOTP (algorithms/fedotp/): OT logits on patch features, the global prompt FedAvg'd and the
 local one kept, dense features cached, identical at 1 and 3 ranks, exact resume, the quick-start."""
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import pytest
 import torch
 
 from pfedmoap import algorithms, config, ot, store
-from pfedmoap.algorithms import ClientData, Setup, fedotp
+from pfedmoap.algorithms import fedotp
+from pfedmoap.algorithms.base import ClientData, Setup
+from pfedmoap.algorithms.fedotp import method as fedotp_method
+from pfedmoap.algorithms.fedotp.method import ot_options
 from pfedmoap.clip.backbone import Backbone
 from pfedmoap.clip.prompt import PromptEncoder
 from pfedmoap.data import features
@@ -36,19 +39,20 @@ SETS = ["algorithm=fedotp", "model.name=tiny-clip", "model.pretrained=", "data.d
 # ---------------------------------------------------------------------------- config
 
 def test_config_defaults_and_refusals():
-    c = config.load(None, [])
-    f = c.fedotp
+    c = config.load(None, ["algorithm=fedotp"])
+    f = c.options
     assert (f.method, f.eps, f.thresh, f.max_iter, f.top_percent, f.stop, f.n_prompts) == \
         ("cot", 0.1, 1e-3, 100, 0.8, "per_problem", 2)
     assert f.all_clients_first_round is True
-    assert f.options() == ot.OTOptions()
-    assert config.load(None, ["fedotp.method=sinkhorn", "fedotp.stop=batch"]).fedotp.options().stop == "batch"
+    assert ot_options(f) == ot.OTOptions()
+    assert fedotp.OT_METHODS == ot.METHODS and fedotp.OT_STOPS == ot.STOPS
+    assert config.load(None, ["algorithm=fedotp", "fedotp.method=sinkhorn", "fedotp.stop=batch"]).options.stop == "batch"
     for bad, key in (("fedotp.eps=0", "fedotp.eps"), ("fedotp.top_percent=1.5", "fedotp.top_percent"),
                      ("fedotp.method=emd", "fedotp.method"), ("fedotp.stop=never", "fedotp.stop"),
                      ("fedotp.max_iter=0", "fedotp.max_iter"), ("fedotp.n_prompts=3", "fedotp.n_prompts"),
                      ("fedotp.thresh=-1", "fedotp.thresh")):
         with pytest.raises(PFedMoAPError, match=key.replace(".", r"\.")):
-            config.load(None, [bad])
+            config.load(None, ["algorithm=fedotp", bad])
 
 
 # ---------------------------------------------------------------------------- the method in one process
@@ -70,7 +74,7 @@ def _data(seed, n=24, n_test=10, M=6, D=128, C=5):
 
 
 def test_declares_dense_features_and_uploads_only_the_global_prompt(method):
-    assert method.image_features == "dense" and algorithms.Method.image_features == "pooled"
+    assert algorithms.manifest("fedotp").data.dense and not algorithms.manifest("promptfl").data.dense
     a = method.arrays()
     assert [(x.name, x.width, x.dtype) for x in a.up] == [("prompt", P, "float32"), ("n_samples", 1, "float32")]
     assert sum(x.width * 4 for x in a.up) == 4 * (P + 1)
@@ -81,21 +85,21 @@ def test_logits_are_the_ot_plan_on_patches_with_its_marginals(method, monkeypatc
     client = method.client()
     state = client.init_state(0)
     seen = []
-    real = fedotp.ot_logits
+    real = fedotp_method.ot_logits
 
     def spy(patches, text, scale, options):
         logits, T = real(patches, text, scale, options, return_plan=True)
         seen.append((patches.detach(), text.detach(), T, logits.detach()))
         return logits
 
-    monkeypatch.setattr(fedotp, "ot_logits", spy)
+    monkeypatch.setattr(fedotp_method, "ot_logits", spy)
     data = _data(1)
     client.fit(state, data, 0, 0, {})
     assert len(seen) == 2                          # one batch of 24 images per epoch, 2 epochs
     patches, text, T, logits = seen[0]
     B, M, C, N = patches.shape[0], patches.shape[1], text.shape[1], text.shape[0]
     assert text.shape[0] == 2 and T.shape == (B, C, M, N)
-    o = client.options
+    o = client.ot
     assert (o.method, o.top_percent) == ("cot", 0.8)
     # COT: every prompt receives top_percent / N, no patch sends more than 1 / M
     np.testing.assert_allclose(T.sum(2).numpy(), np.full((B, C, N), 0.8 / N), rtol=1e-4)
@@ -107,7 +111,7 @@ def test_logits_are_the_ot_plan_on_patches_with_its_marginals(method, monkeypatc
 
     # sinkhorn: balanced marginals
     seen.clear()
-    client.options = replace(o, method="sinkhorn", thresh=1e-7, max_iter=2000)
+    client.ot = replace(o, method="sinkhorn", thresh=1e-7, max_iter=2000)
     client.evaluate(state, data, 0, 0, {"global_prompt": state.ctx.reshape(-1).numpy()})
     _, _, T, _ = seen[0]
     np.testing.assert_allclose(T.sum(2).numpy(), 0.5, rtol=1e-4)
@@ -155,7 +159,7 @@ def test_a_round_uploads_global_only_keeps_local_and_shares_the_global(method):
             ups.append(up)
         server.aggregate_fit(r, part, {k: np.array([u[k] for u in ups], np.float32) for k in ("prompt", "n_samples")})
         np.testing.assert_allclose(server.global_prompt, np.mean([u["prompt"] for u in ups], 0), rtol=1e-5, atol=1e-7)
-        ev = server.configure_evaluate(r)
+        ev = server.configure_evaluate(r, np.ones(4, bool))
         assert ev["global_prompt"].to.all()
         for c in range(4):
             res = client.evaluate(states[c], data[c], r, c, {"global_prompt": ev["global_prompt"].row})

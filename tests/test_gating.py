@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pfedmoap import algorithms, config
+from pfedmoap.algorithms.base import ClientData, Setup
 from pfedmoap.clip.gating import GatingNetwork, moe_logits
 from pfedmoap.clip.prompt import PromptEncoder
 from pfedmoap.errors import PFedMoAPError
@@ -190,7 +191,7 @@ def _pfedmoap(backbone, *sets):
                              "train.weight_decay=0", *sets])
     classnames = ["cat", "dog", "water lily", "car"]
     enc = PromptEncoder(backbone, classnames, cfg.prompt.n_ctx)
-    setup = algorithms.Setup(cfg, n_clients=4, encoder=enc, backbone=backbone,
+    setup = Setup(cfg, n_clients=4, encoder=enc, backbone=backbone,
                              ctx_shape=(cfg.prompt.n_ctx, backbone.model.token_embedding.weight.shape[1]))
     return algorithms.get("pfedmoap")(setup).client(), enc
 
@@ -199,7 +200,7 @@ def _data(n=8, C=4, D=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(n, D, generator=g), dim=-1)
     y = torch.arange(n) % C
-    return algorithms.ClientData(x, y, x.clone(), y.clone())
+    return ClientData(x, y, x.clone(), y.clone())
 
 
 def _expert_downloads(client, cids, n_experts, seed):
@@ -218,7 +219,7 @@ def test_gradients_reach_ctx_and_gating_only(tiny_backbone):
     data = _data()
     ctx = state.ctx.clone().requires_grad_(True)
     text = torch.cat([enc(ctx).unsqueeze(0), experts])
-    logits, w = moe_logits(state.gating, data.train_x, text, client.logit_scale, client.cfg.moe.lam)
+    logits, w = moe_logits(state.gating, data.train_x, text, client.logit_scale, client.options.lam)
     assert w is not None and w.shape == (8, 4, 4)
     F.cross_entropy(logits, data.train_y).backward()
     assert ctx.grad is not None and ctx.grad.abs().sum() > 0
@@ -282,7 +283,7 @@ def test_fit_with_no_training_images_is_a_no_op(tiny_backbone):
     ctx0 = state.ctx.clone()
     gating0 = {n: p.detach().clone() for n, p in state.gating.named_parameters()}
     empty = torch.zeros(0, 128)
-    data = algorithms.ClientData(empty, torch.zeros(0, dtype=torch.long), empty, torch.zeros(0, dtype=torch.long))
+    data = ClientData(empty, torch.zeros(0, dtype=torch.long), empty, torch.zeros(0, dtype=torch.long))
     up = client.fit(state, data, 0, 2, {})
     assert list(up["n_samples"]) == [0]
     assert torch.equal(state.ctx, ctx0)

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from pfedmoap import algorithms
-from pfedmoap.algorithms import Array, Arrays, ClientPart, Log, Method, PerClient, ServerPart
+from pfedmoap.algorithms import Manifest
+from pfedmoap.algorithms.base import Arrays, ClientPart, Log, Method, ServerPart
+from pfedmoap.exchange import Array, PerClient
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 SRC = Path(__file__).resolve().parent.parent / "src" / "pfedmoap"
@@ -75,9 +77,7 @@ class NearestClient(ClientPart):
         return res
 
 
-@algorithms.register
 class NearestMean(Method):
-    name = "toy-nearest-mean"
     Server, Client = NearestServer, NearestClient
 
     def arrays(self):
@@ -87,6 +87,9 @@ class NearestMean(Method):
     def logs(self):
         return (Log("nearest", (2,), "int32", -1, "server", "the two clients averaged"),
                 Log("ctx_norm", (1,), "float32", float("nan"), "client", "L2 norm of the prompt"))
+
+
+algorithms.register(Manifest("toy-nearest-mean", NearestMean))
 
 
 # ---------------------------------------------------------------------------- runs

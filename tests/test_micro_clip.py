@@ -67,7 +67,7 @@ def test_preprocess_matches_open_clip(model):
 
 
 def test_zero_shot_matches_record(model):
-    got = micro.zero_shot_per_domain(model, "test")
+    got = digits.zero_shot_per_domain(model, "test")
     rec = micro.recorded_zero_shot()
     n = len(digits.split_indices()["test"])
     for d in digits.DOMAINS:

@@ -37,7 +37,7 @@ def test_paper_config_matches_table5(name):
     cfg = config.load(name)
     want = TABLE5[name.split("/")[1]]
     assert cfg.model.name == want["name"] and cfg.model.pretrained == "openai"
-    d, t, m = cfg.data, cfg.train, cfg.moe
+    d, t, m = cfg.data, cfg.train, cfg.options
     assert (d.n_clients, t.frac, cfg.rounds, d.partition) == (want["n_clients"], want["frac"], want["rounds"],
                                                                 want["partition"])
     if "beta" in want:

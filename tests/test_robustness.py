@@ -121,7 +121,7 @@ def test_the_full_config_is_written_into_the_run_directory(tmp_path):
     p = _run(tmp_path / "r", ["rounds=1"])
     assert p.returncode == 0, p.stderr[-2000:]
     cfg = config.load(str(tmp_path / "r" / "config.toml"))
-    assert cfg.rounds == 1 and cfg.model.name == "tiny-clip" and cfg.moe.n_experts == 3
+    assert cfg.rounds == 1 and cfg.model.name == "tiny-clip" and cfg.options.n_experts == 3
     assert len(p.stdout.splitlines()) < 40          # a short header, not the 70-line config
 
 

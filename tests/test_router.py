@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pfedmoap import router
-from pfedmoap.federation import sample_participants
+from pfedmoap.algorithms.base import sample_participants
 
 METHODS = ("knn", "random", "fixed")
 

@@ -59,7 +59,7 @@ def test_every_run_of_a_paper_table_is_its_method_on_the_data_set_config(package
         base = config.load(spec.column.config)
         assert cfg.algorithm == ALGORITHM[spec.row.name] and cfg.seed == spec.seed
         assert cfg.out == os.path.join("OUT", name, spec.column.key, spec.row.key, f"seed{spec.seed}")
-        dense = algorithms.get(cfg.algorithm).image_features == "dense"
+        dense = algorithms.manifest(cfg.algorithm).data.dense
         if dense:      # FedOTP: patch features exist for clean images only (build.py refuses views)
             assert cfg.data.augment_mode == "none" and base.data.augment_mode != "none"
             assert cfg.data == replace(base.data, augment="none", augment_views=0)
@@ -84,9 +84,9 @@ def test_ablations_sweep_one_key_of_pfedmoap(packaged):
         assert t.columns == packaged["fewshot"].columns
         first = [spec.config("OUT") for spec in t.runs() if spec.column.key == "dtd" and spec.seed == 1]
         assert {c.algorithm for c in first} == {"pfedmoap"}
-        assert [getattr(getattr(c, section), key) for c in first] == values
+        assert [getattr(c.options if section == c.section else getattr(c, section), key) for c in first] == values
     gate = [spec.config("OUT") for spec in packaged["ablation_gate"].runs() if spec.seed == 1][:3]
-    assert [c.moe.aggregate_gate for c in gate] == [False, False, True]
+    assert [c.options.aggregate_gate for c in gate] == [False, False, True]
     shots = [spec.config("OUT") for spec in packaged["ablation_shots"].runs() if spec.seed == 1][:5]
     assert [c.train.batch_size for c in shots] == [1, 2, 4, 8, 16]
 

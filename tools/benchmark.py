@@ -245,6 +245,7 @@ def cmd_step(args) -> None:
 
 def cmd_memory(args) -> None:
     from pfedmoap import algorithms, config
+    from pfedmoap.algorithms.base import ClientData, Setup
     from pfedmoap.clip.backbone import Backbone
     from pfedmoap.clip.prompt import PromptEncoder
     from pfedmoap.data.datasets import load_dataset
@@ -265,7 +266,7 @@ def cmd_memory(args) -> None:
     enc = PromptEncoder(bb, ds.classnames, cfg.prompt.n_ctx)
     W = bb.model.token_embedding.weight.shape[1] if hasattr(bb.model, "token_embedding") \
         else bb.model.text.token_embedding.weight.shape[1]
-    method = algorithms.get("pfedmoap")(algorithms.Setup(cfg, args.clients, enc, bb, (cfg.prompt.n_ctx, W)))
+    method = algorithms.get("pfedmoap")(Setup(cfg, args.clients, enc, bb, (cfg.prompt.n_ctx, W)))
     algo = method.client()
     stages.append(("synthetic data set + partition + encoder", proc_status()))
 
@@ -290,7 +291,7 @@ def cmd_memory(args) -> None:
     data = {}
     for c in range(args.clients):
         tr, te = part.train[c], part.test[c]
-        data[c] = algorithms.ClientData(torch.from_numpy(feats["train"][tr]), torch.from_numpy(ds.train.labels[tr]),
+        data[c] = ClientData(torch.from_numpy(feats["train"][tr]), torch.from_numpy(ds.train.labels[tr]),
                                         torch.from_numpy(feats["test"][te]), torch.from_numpy(ds.test.labels[te]))
     del feats
     stages.append((f"cached features ({len(ds.train)} train + {len(ds.test)} test x {D}) per client", proc_status()))
@@ -302,7 +303,7 @@ def cmd_memory(args) -> None:
     stages.append((f"{args.clients} x init_state", proc_status()))
     # one local step for a few clients: autograd peak of the text encoder
     algo.cfg.train.local_epochs = 1
-    experts = torch.nn.functional.normalize(torch.randn(cfg.moe.n_experts - 1, len(ds.classnames), D), dim=-1)
+    experts = torch.nn.functional.normalize(torch.randn(cfg.options.n_experts - 1, len(ds.classnames), D), dim=-1)
     t = time.perf_counter()
     for c in range(min(3, args.clients)):
         algo._experts[c] = experts         # what prepare() leaves for a client with K-1 experts

@@ -186,8 +186,8 @@ def main(argv=None) -> int:
     loaded = micro.create_model()
     micro.load_shipped_weights(loaded, weights)
     pre_x, pre_y = digits.pretraining_half()
-    zs_test = {d: round(a, 4) for d, a in micro.zero_shot_per_domain(loaded, "test").items()}
-    zs_train = {d: round(a, 4) for d, a in micro.zero_shot_per_domain(loaded, "train").items()}
+    zs_test = {d: round(a, 4) for d, a in digits.zero_shot_per_domain(loaded, "test").items()}
+    zs_train = {d: round(a, 4) for d, a in digits.zero_shot_per_domain(loaded, "train").items()}
     zs_pre = round(micro.zero_shot_accuracy(loaded, pre_x, pre_y, digits.CLASSNAMES), 4)
     cfg = json.loads((micro.MODEL_CONFIG_DIR / f"{micro.MODEL_NAME}.json").read_text())
     meta = {

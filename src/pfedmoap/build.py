@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import algorithms, comm as comm_mod, dp, rng
+from .algorithms.base import ClientData, Setup, sample_participants
 from .clip.backbone import Backbone
 from .clip.prompt import PromptEncoder, context_length, init_context
 from .config import Config
@@ -33,14 +34,9 @@ class Build:
 
     def _inputs(self) -> None:
         cfg, comm = self.cfg, self.comm
-        method_cls = algorithms.get(cfg.algorithm)
-        self.dense = method_cls.image_features == "dense"
-        if self.dense and cfg.data.augment_mode != "none":
-            what = (f"data.augment_views = {cfg.data.augment_views}" if cfg.data.augment_mode == "views"
-                    else f"data.augment = {cfg.data.augment!r}")
-            raise PFedMoAPError(f"{what}: algorithm = {cfg.algorithm!r} uses dense (patch) image features, which "
-                                f"are not computed for augmented views; set data.augment = 'none' and "
-                                f"data.augment_views = 0")
+        self.manifest = algorithms.manifest(cfg.algorithm)
+        method_cls = self.manifest.load()
+        self.dense = self.manifest.data.dense
         self.dataset = load_dataset(cfg.data)
         self.partition = make_partition(self.dataset, cfg.data, cfg.seed)
         self.N = len(self.partition.train)
@@ -55,13 +51,13 @@ class Build:
         self.encoder = PromptEncoder(self.backbone, self.dataset.classnames, n_ctx,
                                      truncate=cfg.run.truncate_eos, shared_prefix=cfg.run.shared_prefix)
         ctx_shape = tuple(init_context(self.backbone, cfg.prompt.n_ctx, cfg.prompt.init, torch.Generator()).shape)
-        self.dp_noise, self.dp_epsilon = self._privacy(method_cls)
-        setup = algorithms.Setup(cfg, self.N, self.encoder, self.backbone, ctx_shape, self.dp_noise)
+        self.dp_noise, self.dp_epsilon = self._privacy()
+        setup = Setup(cfg, self.N, self.encoder, self.backbone, ctx_shape, self.dp_noise)
         self.method = method_cls(setup)
         self.client = self.method.client()
         self.state_size = len(self.client.state_vector(self.client.init_state(0)))
 
-    def _privacy(self, method_cls) -> tuple[float, np.ndarray | None]:
+    def _privacy(self) -> tuple[float, np.ndarray | None]:
         """(noise multiplier, ε spent by the end of each round) for clipped, noised uploads.
 
         Client-level accounting (dp.py: Poisson-subsampled Gaussian, RDP) at the rate the server
@@ -69,8 +65,8 @@ class Build:
         d, t = self.cfg.dp, self.cfg.train
         if d.clip <= 0:
             return 0.0, None
-        rounds = method_cls.rounds_for(self.cfg)
-        q = len(algorithms.sample_participants(self.cfg.seed, 0, self.N, t.frac, t.frac_rounding)) / self.N
+        rounds = self.manifest.rounds_for(self.cfg)
+        q = len(sample_participants(self.cfg.seed, 0, self.N, t.frac, t.frac_rounding)) / self.N
         sigma = d.noise_multiplier
         if d.epsilon > 0:
             try:
@@ -81,7 +77,7 @@ class Build:
             return 0.0, np.full(rounds, np.inf)
         return float(sigma), dp.epsilon_per_round(sigma, q, rounds, d.delta)
 
-    def _client_data(self) -> dict[int, algorithms.ClientData]:
+    def _client_data(self) -> dict[int, ClientData]:
         if self.dense:
             return self._dense_client_data()
         d = self.cfg.data
@@ -92,7 +88,7 @@ class Build:
         out = {}
         for c in self.mine:
             tr, te = self.partition.train[c], self.partition.test[c]
-            out[int(c)] = algorithms.ClientData(
+            out[int(c)] = ClientData(
                 torch.from_numpy(feats["train"][tr]).to(dev), torch.from_numpy(self.dataset.train.labels[tr]).to(dev),
                 torch.from_numpy(feats["test"][te]).to(dev), torch.from_numpy(self.dataset.test.labels[te]).to(dev),
                 torch.from_numpy(np.stack([feats[f"view{v}"][tr] for v in range(views)])).to(dev)
@@ -115,7 +111,7 @@ class Build:
                                          c.data.cache_dir, self.backbone.device)
         if c.data.cache_dir and len(self.mine):
             server = self.method.server()
-            for r in range(self.method.rounds()):
+            for r in range(self.manifest.rounds_for(c)):
                 for k in np.intersect1d(server.participants(r), self.mine):
                     if len(images[int(k)]):
                         store.precompute(int(k), r)
@@ -144,7 +140,7 @@ class Build:
             out[split if view is None else f"view{view}"] = x
         return out
 
-    def _dense_client_data(self) -> dict[int, algorithms.ClientData]:
+    def _dense_client_data(self) -> dict[int, ClientData]:
         """Each hosted client's image features with its dense (patch) features: this rank reads or
         computes only the rows of its own clients (peak memory: those rows, about twice)."""
         dev = self.backbone.device
@@ -159,7 +155,7 @@ class Build:
         for c in self.mine:
             tr, te = self.partition.train[c], self.partition.test[c]
             (xtr, dtr), (xte, dte) = take("train", tr), take("test", te)
-            out[int(c)] = algorithms.ClientData(
+            out[int(c)] = ClientData(
                 xtr, torch.from_numpy(self.dataset.train.labels[tr]).to(dev),
                 xte, torch.from_numpy(self.dataset.test.labels[te]).to(dev),
                 train_dense=dtr, test_dense=dte)

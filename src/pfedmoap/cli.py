@@ -125,17 +125,21 @@ def _configs(args) -> list:
         if len(todo) < len(cfgs) and comm_mod.launcher_rank() == 0:
             _out(f"# table {args.table}: {len(cfgs) - len(todo)} of {len(cfgs)} runs already complete: kept")
         return todo
+    from . import algorithms
     base = None if args.config else config.QUICKSTART
-    cfg = config.load(args.config, args.sets, base=base, overlays=args.overlays)
+    picked = any(s.split("=", 1)[0].strip() == "algorithm" for s in args.sets)
+    single = bool(args.config or picked or args.overlays)
+    # --set of another method's key: refused for one run; in the quick-start it goes to the methods it belongs to
+    cfg = config.load(args.config, args.sets, base=base, overlays=args.overlays,
+                      other_methods="refuse" if single else "skip")
     if args.out:
         cfg.out = args.out
-    picked = any(s.split("=", 1)[0].strip() == "algorithm" for s in args.sets)
-    if args.config or picked or args.overlays:
+    if single:
         return [cfg]
     # The quick-start compares every method on the same split, seed and budget.
     out = []
-    for name in config.QUICKSTART_ALGORITHMS:
-        c = config.load(None, args.sets + [f"algorithm={name}"], base=config.QUICKSTART)
+    for name in [m.name for m in algorithms.manifests() if m.quickstart]:
+        c = config.load(None, args.sets + [f"algorithm={name}"], base=config.QUICKSTART, other_methods="skip")
         c.out = str(Path(cfg.out) / name)
         out.append(c)
     return out

@@ -16,23 +16,45 @@ import tomli_w
 
 from .errors import PFedMoAPError
 
-# Names of methods, partitions, routers and data sets live in their registries (algorithms,
-# data.partition, router, data.datasets); validation reads them there.
-_SECTIONS: dict[str, type] = {}
+# Names of partitions, routers and data sets live in their registries (data.partition, router,
+# data.datasets); validation reads them there. Methods are registered by the method registry
+# (pfedmoap.algorithms.register, which every method's manifest calls): config knows no method.
 
 
-def register_section(name: str):
-    """A method's own config section ([name] in TOML, cfg.<name> in code), declared in its module."""
-    def deco(cls):
-        _SECTIONS[name] = cls
-        return cls
-    return deco
+@dataclass(frozen=True)
+class _Method:
+    section: str                  # TOML section of its options, "" = none
+    options: type | None          # dataclass of its options
+    check: typing.Callable | None = None   # check(cfg): what the method needs of the shared sections
 
 
-def _method_sections() -> dict[str, type]:
-    from . import algorithms
-    algorithms.names()          # importing every method module registers its section
-    return _SECTIONS
+_METHODS: dict[str, _Method] = {}
+_DEFAULT: dict[str, str] = {}     # "algorithm": the method of a config that names none
+
+
+def register_method(name: str, section: str = "", options: type | None = None, default: bool = False,
+                    check=None) -> None:
+    """A method's name, options section and check(cfg) (called by pfedmoap.algorithms.register)."""
+    _METHODS[name] = _Method(section, options, check)
+    if default:
+        _DEFAULT["algorithm"] = name
+
+
+def unregister_method(name: str) -> None:
+    _METHODS.pop(name, None)
+    if _DEFAULT.get("algorithm") == name:
+        del _DEFAULT["algorithm"]
+
+
+def _options_for(algorithm: str):
+    """A fresh default options instance of `algorithm` (None: it has none, or it is unknown)."""
+    m = _METHODS.get(algorithm)
+    return m.options() if m is not None and m.options is not None else None
+
+
+def _owners(section: str) -> list[str]:
+    """The registered methods whose options section is `section`."""
+    return sorted(name for name, m in _METHODS.items() if m.section and m.section == section)
 
 
 @dataclass
@@ -75,7 +97,7 @@ class DataConfig:
 class PromptConfig:
     n_ctx: int = 16
     init: str = ""                # "" = N(0, 0.02^2); else a phrase such as "a photo of a"
-    template: str = "a photo of a {}."   # the hand prompt of `zeroshot`
+    template: str = "a photo of a {}."   # the hand prompt (of the frozen-CLIP baseline)
 
 
 @dataclass
@@ -110,7 +132,7 @@ class RunConfig:
     # Evaluation schedule: every eval_every-th round evaluates `eval_clients` ("all" clients, or only
     # the round's "participants"); the other rounds evaluate nobody; the last round evaluates every
     # client. Not evaluated: NaN in results.h5 (/rounds/evaluated says who was). A schedule other than
-    # the default is part of the run's identity (federation.run_hash): it can change what some methods train.
+    # the default is part of the run's identity (run_hash): it can change what some methods train.
     eval_every: int = 1
     eval_clients: str = "all"     # all | participants
 
@@ -118,7 +140,7 @@ class RunConfig:
 @dataclass
 class Config:
     seed: int = 1
-    algorithm: str = "pfedmoap"
+    algorithm: str = ""           # a registered method; "" = the default one (its manifest says default=True)
     rounds: int = 10
     out: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -127,32 +149,76 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    # method-owned sections (register_section), e.g. cfg.fedamp; in TOML at the top level like the rest
-    sections: dict = field(default_factory=dict, repr=False)
+    # The algorithm's own options (its manifest's options class; in TOML its section, e.g. [moe]),
+    # None if it has none. A config holds only its own method's options: another method's section
+    # is not part of it (config files may carry them; see `load`).
+    options: typing.Any = None
 
     def __post_init__(self):
-        for name, cls in sorted(_method_sections().items()):
-            self.sections.setdefault(name, cls())
+        if not self.algorithm:
+            self.algorithm = _DEFAULT.get("algorithm", "")
+        if self.options is None:
+            self.options = _options_for(self.algorithm)
 
-    def __getattr__(self, name):          # only reached when ordinary lookup fails
-        sections = self.__dict__.get("sections", {})
-        if name in sections:
-            return sections[name]
-        raise AttributeError(f"Config has no attribute or section {name!r}")
+    @property
+    def section(self) -> str:
+        """The TOML section of this config's options ("" if its method has none)."""
+        m = _METHODS.get(self.algorithm)
+        return m.section if m is not None and self.options is not None else ""
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        del d["sections"]
-        d.update((name, dataclasses.asdict(sec)) for name, sec in sorted(self.sections.items()))
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
+        if self.section:
+            d[self.section] = dataclasses.asdict(self.options)
         return d
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
     def hash(self, exclude: tuple[str, ...] = ("out", "run")) -> str:
-        """Identity of what a run computes (not where it writes or how fast)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in exclude}
-        return hashlib.sha256(tomli_w.dumps(d).encode()).hexdigest()[:16]
+        """Identity of what a run computes (not where it writes or how fast): the shared sections
+        and its own method's options, nothing of another method (docs/hdf5-layout.md)."""
+        return _digest({k: v for k, v in self.to_dict().items() if k not in exclude})
+
+
+def _digest(d: dict) -> str:
+    return hashlib.sha256(tomli_w.dumps(d).encode()).hexdigest()[:16]
+
+
+def _with_schedule(config_hash: str, run: RunConfig) -> str:
+    if run.eval_every == 1 and run.eval_clients == "all":
+        return config_hash
+    key = f"{config_hash}|eval_every={run.eval_every}|eval_clients={run.eval_clients}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def run_hash(cfg: Config) -> str:
+    """The run's identity (checkpoints, results.h5 `config_hash`): Config.hash, which leaves out [run],
+    plus a non-default evaluation schedule. Skipping a client's evaluation can change what it trains
+    from next (a method may update a client's state from its evaluation downloads), so a checkpoint
+    of another schedule is refused on resume; the default schedule keeps the plain hash."""
+    return _with_schedule(cfg.hash(), cfg.run)
+
+
+def recorded_run_hash(attrs: dict) -> str:
+    """The run hash, in today's scheme, of a checkpoint's or results.h5's attributes (`config`,
+    `config_hash`): what resuming and `tables.is_complete` compare with run_hash(cfg).
+
+    Files written before issue 20 record a legacy hash, taken over every method's section (each
+    config then held them all): such a hash is recognised by recomputing it from the config text
+    the file records, and then stands for the run hash of that config as read today (its own
+    method's section only). Anything else is returned as recorded (docs/hdf5-layout.md)."""
+    recorded, text = str(attrs.get("config_hash", "")), attrs.get("config")
+    if not isinstance(text, str):
+        return recorded
+    try:
+        cfg = from_toml(text)
+        legacy = _with_schedule(_digest({k: v for k, v in tomllib.loads(text).items() if k not in ("out", "run")}),
+                                cfg.run)
+    except (PFedMoAPError, tomllib.TOMLDecodeError):
+        return recorded            # e.g. a method no longer registered: no run of it can match
+    return run_hash(cfg) if recorded == legacy else recorded
 
 
 # ---------------------------------------------------------------- building a config
@@ -211,10 +277,15 @@ def _coerce(key: str, value, typ):
 
 def _fields(obj) -> dict[str, typing.Any]:
     hints = typing.get_type_hints(type(obj))
-    out = {f.name: hints[f.name] for f in dataclasses.fields(obj) if f.name != "sections"}
-    if isinstance(obj, Config):
-        out.update((name, type(sec)) for name, sec in obj.sections.items())
+    out = {f.name: hints[f.name] for f in dataclasses.fields(obj) if f.name != "options"}
+    if isinstance(obj, Config) and obj.section:
+        out[obj.section] = type(obj.options)
     return out
+
+
+def _get(obj, name: str):
+    """A field of a section, or of the config (its method's section is its `options`)."""
+    return obj.options if isinstance(obj, Config) and name == obj.section else getattr(obj, name)
 
 
 def _set(cfg: Config, key: str, value) -> None:
@@ -227,11 +298,35 @@ def _set(cfg: Config, key: str, value) -> None:
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(types[part]):
                 raise PFedMoAPError(f"{key}: is a section; set one of its keys, e.g. {key}.{_first(types[part])}")
-            setattr(obj, part, _coerce(key, value, types[part]))
+            value = _coerce(key, value, types[part])
+            if obj is cfg and part == "algorithm" and value != cfg.algorithm:
+                cfg.algorithm, cfg.options = value, None
+                cfg.__post_init__()             # the new method's default options
+            else:
+                setattr(obj, part, value)
         else:
             if not dataclasses.is_dataclass(types[part]):
                 raise PFedMoAPError(f"{key}: {'.'.join(parts[:i + 1])} is not a section")
-            obj = getattr(obj, part)
+            obj = _get(obj, part)
+
+
+def _apply(cfg: Config, key: str, value, other: str) -> None:
+    """`key = value` into `cfg`, whose algorithm is already final. A key of another registered
+    method's section is checked against that method's options and left out of `cfg`
+    (other = "skip"), or refused (other = "refuse")."""
+    section = key.split(".", 1)[0]
+    if key == "algorithm":
+        _coerce(key, value, str)               # set before (the last layer's value wins)
+        return
+    owners = _owners(section)
+    if "." in key and section != cfg.section and owners and section not in _fields(cfg):
+        if other == "refuse":
+            raise PFedMoAPError(f"{key}: [{section}] holds the options of algorithm {owners[0]!r}, and this "
+                                f"run's algorithm is {cfg.algorithm!r}; set algorithm = {owners[0]!r} or "
+                                f"leave the key out")
+        _set(Config(algorithm=owners[0]), key, value)     # checked, not kept
+        return
+    _set(cfg, key, value)
 
 
 def _first(cls) -> str:
@@ -246,11 +341,28 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, typing.Any]]:
     return out
 
 
-def from_dict(d: dict, base: Config | None = None) -> Config:
+def _algorithm(items: list[tuple[str, typing.Any, str]], default: str = "") -> str:
+    """The algorithm the layers' items name last (the run's), else `default`."""
+    named = [v for k, v, _ in items if k == "algorithm"]
+    return _coerce("algorithm", named[-1], str) if named else default
+
+
+def _build(items: list[tuple[str, typing.Any, str]], base: Config | None = None) -> Config:
+    """A config from (key, value, how another method's key is treated) items, in order: the
+    algorithm first (a config holds that method's options only), then every key."""
     cfg = base if base is not None else Config()
-    for key, value in _flatten(d):
-        _set(cfg, key, value)
+    algorithm = _algorithm(items, cfg.algorithm)
+    if algorithm != cfg.algorithm:
+        _set(cfg, "algorithm", algorithm)
+    for key, value, other in items:
+        _apply(cfg, key, value, other)
     return cfg
+
+
+def from_dict(d: dict, base: Config | None = None) -> Config:
+    """`d` (nested or dotted keys, as a TOML file holds them) on top of `base` (default: a new Config).
+    Another method's sections are checked and left out (a config file may hold several methods')."""
+    return _build([(k, v, "skip") for k, v in _flatten(d)], base)
 
 
 def _read_text(p: Path) -> str:
@@ -265,16 +377,24 @@ def _read_text(p: Path) -> str:
 
 
 def load(path: str | None = None, overrides: list[str] = (), base: dict | None = None,
-         overlays: list = ()) -> Config:
+         overlays: list = (), *, other_methods: str = "refuse") -> Config:
     """Defaults <- `base` (e.g. the quick-start) <- TOML file <- `overlays` in order <- `key=value`
     overrides; validated. An overlay is a partial config: a TOML file (a path, or a packaged name
     at any depth such as `paper/methods/coop`; `pfedmoap run CONFIG --with OVERLAY`) or a dict of
-    keys (dotted or nested) to values, as a file would hold them."""
+    keys (dotted or nested) to values, as a file would hold them.
+
+    The config holds the options of the algorithm the last layer names, only. Another method's
+    section in `base`, a file or an overlay (a data-set config holds pFedMoAP's [moe] for every
+    method's run) is checked and left out; in `overrides` it is refused (`other_methods =
+    "refuse"`: the key would change nothing), or left out too ("skip": overrides shared by the
+    runs of several methods, as the quick-start's and a table's)."""
     from . import configs          # an existing file, else a packaged name such as paper/food101
-    cfg = from_dict(base or {})
+    if other_methods not in ("refuse", "skip"):
+        raise ValueError(other_methods)
+    items = [(k, v, "skip") for k, v in _flatten(base or {})]
     for i, layer in enumerate(([path] if path else []) + list(overlays)):
         if isinstance(layer, dict):
-            from_dict(layer, cfg)
+            items += [(k, v, "skip") for k, v in _flatten(layer)]
             continue
         if i == 0 and path:
             p = configs.find(layer)
@@ -290,19 +410,21 @@ def load(path: str | None = None, overrides: list[str] = (), base: dict | None =
                 raise PFedMoAPError(f"overlay {str(layer)!r} does not exist and is not a packaged overlay "
                                     f"(packaged: {', '.join(names) or 'none'})")
         try:
-            from_dict(tomllib.loads(_read_text(p)), cfg)
+            items += [(k, v, "skip") for k, v in _flatten(tomllib.loads(_read_text(p)))]
         except tomllib.TOMLDecodeError as e:
             raise PFedMoAPError(f"config file {str(layer)!r} is not valid TOML: {e}") from None
     for item in overrides:
         if "=" not in item:
             raise PFedMoAPError(f"--set {item!r}: expected key=value")
         key, value = item.split("=", 1)
-        _set(cfg, key.strip(), value.strip())
+        items.append((key.strip(), value.strip(), other_methods))
+    cfg = _build(items)
     validate(cfg)
     return cfg
 
 
 def from_toml(text: str) -> Config:
+    """A config from its TOML text (config.toml, a checkpoint's record); validated."""
     cfg = from_dict(tomllib.loads(text))
     validate(cfg)
     return cfg
@@ -323,7 +445,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 def _check_types(obj, prefix: str = "") -> None:
     """Every float finite and every int a 64-bit integer, also in a Config built in code."""
     for name, typ in _fields(obj).items():
-        key, value = prefix + name, getattr(obj, name)
+        key, value = prefix + name, _get(obj, name)
         if dataclasses.is_dataclass(typ):
             _check_types(value, key + ".")
         elif typ is float or typ is int:
@@ -336,12 +458,14 @@ def _check_types(obj, prefix: str = "") -> None:
 def validate(cfg: Config) -> None:
     d, t = cfg.data, cfg.train
     _check_types(cfg)
-    from . import algorithms
     from .data import partition
-    _need(cfg.algorithm in algorithms.names(), f"algorithm = {cfg.algorithm!r}: expected one of {', '.join(algorithms.names())}")
-    for sec in cfg.sections.values():
-        if hasattr(sec, "validate"):
-            sec.validate()
+    _need(cfg.algorithm in _METHODS, f"algorithm = {cfg.algorithm!r}: expected one of {', '.join(sorted(_METHODS))}")
+    want = _METHODS[cfg.algorithm].options
+    _need(want is None and cfg.options is None or want is not None and type(cfg.options) is want,
+          f"options = {cfg.options!r}: algorithm = {cfg.algorithm!r} expects "
+          f"{'no options' if want is None else want.__name__}")
+    if hasattr(cfg.options, "validate"):
+        cfg.options.validate()
     _need(1 <= cfg.rounds <= MAX_ROUNDS, f"rounds = {cfg.rounds}: expected 1 to {MAX_ROUNDS}")
     _need(1 <= d.n_clients <= MAX_CLIENTS, f"data.n_clients = {d.n_clients}: expected 1 to {MAX_CLIENTS}")
     _need(d.partition in partition.names(), f"data.partition = {d.partition!r}: expected one of {', '.join(partition.names())}")
@@ -398,6 +522,8 @@ def validate(cfg: Config) -> None:
           f"the last round is always evaluated)")
     _need(cfg.run.eval_clients in ("all", "participants"),
           f"run.eval_clients = {cfg.run.eval_clients!r}: expected all or participants")
+    if _METHODS[cfg.algorithm].check is not None:      # the method's needs of the shared sections
+        _METHODS[cfg.algorithm].check(cfg)
 
 
 # The embedded quick-start: the shipped micro CLIP on held-out digits with domain shift.
@@ -408,9 +534,6 @@ QUICKSTART = {
     # no warm-up epoch: with two local epochs CoOp's 1e-5 warm-up would spend half the training
     "train": {"local_epochs": 2, "warmup_epochs": 0},
 }
-# every method of the paper's comparison that is implemented, in the README's order
-QUICKSTART_ALGORITHMS = ("zeroshot", "local", "promptfl", "promptfl_ft", "fedprox", "fedper", "fedamp",
-                         "fedotp", "pfedmoap")
 QUICKSTART_NOTE = ("The quick-start's budget is short (5 rounds x 2 local epochs): prompt learning without "
                    "personalisation is only level with the hand prompt here; the methods' default budget "
                    "(tools/compare_methods.sh, README) separates them.")

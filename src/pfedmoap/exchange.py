@@ -8,9 +8,32 @@ from the rows actually moved (the header is protocol, not payload, and is not co
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .algorithms.base import Array, Broadcast, PerClient
+
+@dataclass(frozen=True)
+class Array:
+    """One kind of array a method moves (algorithms.base.Arrays declares them); `width` values per row."""
+    name: str
+    width: int
+    dtype: str = "float32"          # float32 | int32
+    broadcast: bool = False         # the same row for every recipient (Bcast) vs rows per client
+
+
+@dataclass
+class Broadcast:
+    """A payload: `row` for every client in `to` (a (N,) bool mask)."""
+    row: np.ndarray
+    to: np.ndarray
+
+
+@dataclass
+class PerClient:
+    """A payload: client c receives counts[c] rows; `rows` holds them client by client."""
+    rows: np.ndarray
+    counts: np.ndarray
 
 
 class Transport:

@@ -7,8 +7,6 @@ each hosted client, counts bytes, times phases and writes results and checkpoint
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,11 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from . import comm as comm_mod, store
-from .algorithms.base import Broadcast, PerClient, sample_participants  # noqa: F401  (re-exported for tools and tests)
 from .build import Build
-from .config import Config
+from .config import Config, recorded_run_hash, run_hash
 from .errors import PFedMoAPError
-from .exchange import Transport
+from .exchange import Broadcast, PerClient, Transport
 
 PHASES = ("comm", "prepare", "train", "eval", "write", "server")   # server: rank 0's method work
 CHECKPOINT_BLOCK_BYTES = 64 << 20   # client states per gather/scatter step of a checkpoint, all ranks together
@@ -40,18 +37,6 @@ class Outcome:
     status: str                                  # complete | stopped
     mean_accuracy: list[float] = field(default_factory=list)
     domain_accuracy: dict[str, float] = field(default_factory=dict)   # last round, all clients' test images together
-
-
-def run_hash(cfg: Config) -> str:
-    """The run's identity (checkpoints, results.h5 `config_hash`): Config.hash, which leaves out [run],
-    plus a non-default evaluation schedule. Skipping a client's evaluation can change what it trains
-    from next (a method may update a client's state from its evaluation downloads), so a checkpoint
-    of another schedule is refused on resume; the default schedule keeps the plain hash."""
-    run = cfg.run
-    if run.eval_every == 1 and run.eval_clients == "all":
-        return cfg.hash()
-    key = f"{cfg.hash()}|eval_every={run.eval_every}|eval_clients={run.eval_clients}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def evaluated_clients(cfg: Config, round_: int, rounds: int, participants: np.ndarray) -> np.ndarray:
@@ -99,7 +84,7 @@ class Federation:
         self.method, self.client = b.method, b.client
         self.arrays = self.method.arrays()
         self.logs = {lg.name: lg for lg in self.method.logs()}
-        self.rounds = self.method.rounds()
+        self.rounds = b.manifest.rounds_for(cfg)
         self.transport = Transport(comm, b.owner)
         self.mine = self.transport.mine
         self.server = self.method.server() if self.root else None
@@ -109,8 +94,6 @@ class Federation:
         self._owned: list[np.ndarray] | None = None          # rank 0: each rank's client ids
         self.checkpoints: list[tuple[int, float, int]] = []  # rank 0: (round, seconds, bytes) per checkpoint
         self._line = ""                                     # rank 0: the console line of the round not yet committed
-        # a method's server may skip work for clients not evaluated (configure_evaluate(r, evaluated=mask))
-        self._eval_mask_kw = self.root and "evaluated" in inspect.signature(self.server.configure_evaluate).parameters
 
     # ------------------------------------------------------------------ run
     def run(self, run_dir: str | Path, if_exists: str = "refuse") -> Outcome:
@@ -119,7 +102,7 @@ class Federation:
         if self.root:
             try:
                 start, ckpt, self.lock = store.open_run(run_dir, if_exists, self.run_hash,
-                                                        self._checkpoint_shapes())
+                                                        self._checkpoint_shapes(), recorded_run_hash)
                 self._open_results(run_dir, start)
             except PFedMoAPError as e:
                 error = e
@@ -286,15 +269,12 @@ class Federation:
         self.results.add_time(time.perf_counter() - t)
 
     def _configure_evaluate(self, r: int, evaluated: np.ndarray) -> dict:
-        """The server's evaluation payloads, restricted to the clients evaluated this round (a server
-        whose configure_evaluate takes `evaluated` may also skip their work, e.g. routing)."""
-        if evaluated.all():
-            return self.server.configure_evaluate(r)
+        """The server's evaluation payloads, restricted to the clients evaluated this round; a round
+        that evaluates nobody asks the server nothing."""
         if not evaluated.any():
             return {}
-        out = self.server.configure_evaluate(r, evaluated=evaluated) if self._eval_mask_kw \
-            else self.server.configure_evaluate(r)
-        return {k: _only(p, evaluated) for k, p in out.items()}
+        out = self.server.configure_evaluate(r, evaluated)
+        return out if evaluated.all() else {k: _only(p, evaluated) for k, p in out.items()}
 
     def _progress_bar(self, r: int, steps: int):
         """Clients trained and evaluated so far, on a terminal, when rank 0 hosts the clients."""

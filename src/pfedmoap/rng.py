@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
 
 
 def key(seed: int, purpose: str, round_: int = 0, client: int = 0) -> int:
@@ -20,5 +19,6 @@ def numpy_rng(seed: int, purpose: str, round_: int = 0, client: int = 0) -> np.r
     return np.random.default_rng(key(seed, purpose, round_, client))
 
 
-def torch_generator(seed: int, purpose: str, round_: int = 0, client: int = 0) -> torch.Generator:
+def torch_generator(seed: int, purpose: str, round_: int = 0, client: int = 0) -> "torch.Generator":
+    import torch        # here: the light modules that key numpy draws (router, partition) need no torch
     return torch.Generator().manual_seed(key(seed, purpose, round_, client))

@@ -712,14 +712,16 @@ class RunLock:
             self.fh.close()          # closing drops the flock; the file stays (harmless)
 
 
-def open_run(run_dir: Path, if_exists: str, config_hash: str, expected: dict[str, tuple[int, ...]]
-             ) -> tuple[int, dict[str, np.ndarray] | None, RunLock]:
+def open_run(run_dir: Path, if_exists: str, config_hash: str, expected: dict[str, tuple[int, ...]],
+             recorded_hash=lambda attrs: attrs["config_hash"]) -> tuple[int, dict[str, np.ndarray] | None, RunLock]:
     """The run-directory policy (rank 0): (rounds already done, checkpoint arrays or None, the lock).
 
     The directory is locked first (RunLock; release it when the run ends): a second run into it
     is refused. Then refuse: a directory that holds a run is an error; overwrite: its results and
     checkpoint go; resume: its checkpoint must come from the same configuration and hold arrays of
-    the `expected` shapes (path -> shape), else one clear error before anything is computed."""
+    the `expected` shapes (path -> shape), else one clear error before anything is computed.
+    `recorded_hash(attrs)`: the hash a checkpoint's attributes stand for (config.recorded_run_hash
+    also accepts the hashes of an earlier scheme)."""
     run_dir = Path(run_dir)
     if if_exists not in IF_EXISTS:
         raise PFedMoAPError(f"--if-exists {if_exists!r}: expected one of {', '.join(IF_EXISTS)}")
@@ -729,14 +731,14 @@ def open_run(run_dir: Path, if_exists: str, config_hash: str, expected: dict[str
         raise PFedMoAPError(f"--out {run_dir}: cannot create the directory ({e.strerror})") from None
     lock = RunLock(run_dir)
     try:
-        start, ckpt = _policy(run_dir, if_exists, config_hash, expected)
+        start, ckpt = _policy(run_dir, if_exists, config_hash, expected, recorded_hash)
     except BaseException:
         lock.release()
         raise
     return start, ckpt, lock
 
 
-def _policy(run_dir: Path, if_exists: str, config_hash: str, expected: dict) -> tuple[int, dict | None]:
+def _policy(run_dir: Path, if_exists: str, config_hash: str, expected: dict, recorded_hash) -> tuple[int, dict | None]:
     start, ckpt = 0, None
     if has_run(run_dir):
         if if_exists == "refuse":
@@ -748,7 +750,7 @@ def _policy(run_dir: Path, if_exists: str, config_hash: str, expected: dict) -> 
         elif (run_dir / CHECKPOINT).exists():
             attrs, arrays = read_checkpoint(run_dir, lazy=("clients/state",))
             file = run_dir / CHECKPOINT
-            if attrs["config_hash"] != config_hash:
+            if recorded_hash(attrs) != config_hash:
                 raise PFedMoAPError(f"{file}: written by a different configuration (config hash "
                                     f"{attrs['config_hash']} != {config_hash}); refusing to resume")
             for key, shape in expected.items():

@@ -23,7 +23,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import configs
+from . import config, configs
 from .errors import PFedMoAPError
 
 TABLES_FILE = configs.ROOT / "paper" / "tables" / "tables.toml"
@@ -109,8 +109,9 @@ class RunSpec:
 
     def config(self, root: str | Path, sets=()):
         """The run's resolved, validated Config, writing to `out(root)`."""
-        from . import config
-        cfg = config.load(self.column.config or None, self.overrides(sets), overlays=self.overlays())
+        # a table's --set is shared by its rows' methods: a key of another method's section is left out
+        cfg = config.load(self.column.config or None, self.overrides(sets), overlays=self.overlays(),
+                          other_methods="skip")
         cfg.out = str(self.out(root))
         return cfg
 
@@ -298,7 +299,6 @@ def configs_for(name: str, out: str | Path, sets=(), indices=(), path=None) -> l
 def is_complete(cfg) -> bool:
     """`cfg.out` already holds a complete run of this very config (results.h5 status `complete`,
     the same config hash): `pfedmoap run --table ... --if-exists resume` keeps it as it is."""
-    from .federation import run_hash        # the hash results.h5 records (the eval schedule included)
     from .store import RESULTS, read_results
     if not (Path(cfg.out) / RESULTS).is_file():
         return False
@@ -306,7 +306,7 @@ def is_complete(cfg) -> bool:
         attrs = read_results(cfg.out, rounds=False)["attrs"]
     except PFedMoAPError:
         return False
-    return attrs.get("status") == "complete" and attrs.get("config_hash") == run_hash(cfg)
+    return attrs.get("status") == "complete" and config.recorded_run_hash(attrs) == config.run_hash(cfg)
 
 
 # ---------------------------------------------------------------------------- `pfedmoap table`

@@ -1,7 +1,8 @@
 """The method interface: what a method declares, its server part and its client part.
 
-A method is one module that registers one `Method` subclass (see docs/methods.md for a worked
-example). It declares, on every rank alike,
+A method is a package `algorithms/<name>/`: its manifest (`__init__.py`: name, options, data
+needs; algorithms/manifest.py) and its implementation (`method.py`), a `Method` subclass (see
+docs/methods.md for a worked example). The implementation declares, on every rank alike,
 
 - the arrays it moves (`arrays()`): rows of `width` values that go down to clients before training
   (`fit_down`), up from the round's participants (`up`) and down again before evaluation
@@ -32,18 +33,10 @@ import torch.nn.functional as F
 
 from .. import dp, rng
 from ..errors import PFedMoAPError
+from ..exchange import Array, Broadcast, PerClient
 
 
 # ---------------------------------------------------------------------------- declarations
-
-@dataclass(frozen=True)
-class Array:
-    """One kind of array a method moves; `width` values per row."""
-    name: str
-    width: int
-    dtype: str = "float32"          # float32 | int32
-    broadcast: bool = False         # the same row for every recipient (Bcast) vs rows per client
-
 
 @dataclass(frozen=True)
 class Arrays:
@@ -61,20 +54,6 @@ class Log:
     fill: float = float("nan")      # clients without a value this round
     side: str = "client"            # "client": returned by Client.evaluate; "server": Server.logs
     description: str = ""
-
-
-@dataclass
-class Broadcast:
-    """A payload: `row` for every client in `to` (a (N,) bool mask)."""
-    row: np.ndarray
-    to: np.ndarray
-
-
-@dataclass
-class PerClient:
-    """A payload: client c receives counts[c] rows; `rows` holds them client by client."""
-    rows: np.ndarray
-    counts: np.ndarray
 
 
 @dataclass
@@ -162,6 +141,7 @@ class ServerPart:
 
     def __init__(self, method: "Method"):
         self.method, self.cfg, self.n_clients = method, method.cfg, method.setup.n_clients
+        self.options = method.options       # the method's own options (its manifest's section), or None
 
     def participants(self, round_: int) -> np.ndarray:
         t = self.cfg.train
@@ -174,7 +154,9 @@ class ServerPart:
     def aggregate_fit(self, round_: int, participants: np.ndarray, uploads: dict[str, np.ndarray]) -> None:
         """uploads[name]: (len(participants), width) rows, in participant order."""
 
-    def configure_evaluate(self, round_: int) -> dict[str, Broadcast | PerClient]:
+    def configure_evaluate(self, round_: int, evaluated: np.ndarray) -> dict[str, Broadcast | PerClient]:
+        """Payloads of the `eval_down` arrays. evaluated: (N,) bool, the clients this round evaluates
+        (at least one; the loop drops what is sent to the others, and a server may skip their work)."""
         return {}
 
     def logs(self) -> dict[str, np.ndarray]:
@@ -202,7 +184,7 @@ class ClientPart:
 
     def __init__(self, method: "Method"):
         s = method.setup
-        self.method, self.cfg = method, method.cfg
+        self.method, self.cfg, self.options = method, method.cfg, method.options
         self.encoder, self.backbone, self.ctx_shape = s.encoder, s.backbone, s.ctx_shape
         self.logit_scale = s.backbone.logit_scale
         self._text: dict[int, torch.Tensor] = {}     # evaluation text features of unchanged prompts
@@ -339,24 +321,14 @@ class ClientPart:
 # ---------------------------------------------------------------------------- the method
 
 class Method:
-    """A registered method: its declarations and its two parts (`Server`, `Client` classes)."""
-    name = ""
-    # The frozen image features its clients get: "pooled" (ClientData.train_x/test_x only) or
-    # "dense" (also train_dense/test_dense, the patch features; see data/features.py).
-    image_features = "pooled"
+    """A method's implementation: its declarations and its two parts (`Server`, `Client` classes).
+    What it is called, its options and data needs are its manifest (algorithms/manifest.py)."""
     Server: type[ServerPart] = ServerPart
     Client: type[ClientPart] = ClientPart
 
     def __init__(self, setup: Setup):
         self.setup, self.cfg = setup, setup.cfg
-
-    @classmethod
-    def rounds_for(cls, cfg) -> int:
-        """The rounds a run of this method has (zeroshot: one evaluation)."""
-        return cfg.rounds
-
-    def rounds(self) -> int:
-        return self.rounds_for(self.cfg)
+        self.options = setup.cfg.options      # the method's own options (its manifest's section), or None
 
     def arrays(self) -> Arrays:
         return Arrays()

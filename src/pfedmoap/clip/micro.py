@@ -157,13 +157,3 @@ def zero_shot_accuracy(model, images: np.ndarray, labels: np.ndarray, classnames
         f = model.encode_image(images_to_tensor(images[i:i + batch_size], model), normalize=True)
         correct += int((f @ t.T).argmax(-1).eq(torch.as_tensor(labels[i:i + batch_size])).sum())
     return correct / max(len(labels), 1)
-
-
-def zero_shot_per_domain(model, part: str = "test", template: str = HAND_TEMPLATE) -> dict[str, float]:
-    """Zero-shot accuracy of `model` on the digits federated half's `part`, per domain."""
-    from ..data import digits
-    out = {}
-    for d in digits.DOMAINS:
-        x, y = digits.federated_split(part, d)
-        out[d] = zero_shot_accuracy(model, x, y, digits.CLASSNAMES, template)
-    return out

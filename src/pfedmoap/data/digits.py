@@ -214,3 +214,10 @@ def build(cfg) -> FederatedDataset:
     return FederatedDataset(name="digits", classnames=list(CLASSNAMES),
                             train=_make_split("train", domains), test=_make_split("test", domains),
                             domain_names=domains)
+
+
+def zero_shot_per_domain(model, part: str = "test") -> dict[str, float]:
+    """Zero-shot accuracy (the hand prompt) of a CLIP `model` on the federated half's `part`, per
+    domain. Here, not in clip/: the model layer knows no data set."""
+    from ..clip.micro import zero_shot_accuracy
+    return {d: zero_shot_accuracy(model, *federated_split(part, d), CLASSNAMES) for d in DOMAINS}

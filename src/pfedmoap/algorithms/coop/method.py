@@ -6,16 +6,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import register_section
-from ..errors import PFedMoAPError
-from . import register
-from .base import Array, Arrays, Broadcast, ClientPart, Method, ServerPart, fedavg
+from ...errors import PFedMoAPError
+from ...exchange import Array, Broadcast
+from ..base import Arrays, ClientPart, Method, ServerPart, fedavg
 
 
-@register
 class Local(Method):
     """CoOp on each client alone: nothing is sent, the prompt never leaves (CoOp, Zhou et al. 2022)."""
-    name = "local"
 
 
 class PromptFLServer(ServerPart):
@@ -34,7 +31,7 @@ class PromptFLServer(ServerPart):
     def aggregate_fit(self, round_, participants, uploads):
         self.global_prompt = fedavg(uploads["prompt"], uploads["n_samples"][:, 0])
 
-    def configure_evaluate(self, round_):
+    def configure_evaluate(self, round_, evaluated):
         return {"global_prompt": Broadcast(self.global_prompt, np.ones(self.n_clients, bool))}
 
     def state_dict(self):
@@ -82,36 +79,22 @@ def _mask(n: int, ids: np.ndarray) -> np.ndarray:
     return m
 
 
-@register
 class PromptFL(Method):
     """FedAvg of the context vectors (PromptFL, Guo et al. 2023)."""
-    name = "promptfl"
     Server, Client = PromptFLServer, PromptFLClient
 
     def arrays(self) -> Arrays:
         return prompt_exchange(self.setup.prompt_size, evaluate_global=True)
 
 
-@register_section("fedprox")
-@dataclass
-class FedProxConfig:
-    mu: float = 0.5               # weight of the proximal term mu/2 * ||ctx - ctx_global||^2
-
-    def validate(self):
-        if self.mu < 0:
-            raise PFedMoAPError(f"fedprox.mu = {self.mu}: expected >= 0")
-
-
 class FedProxClient(PromptFLClient):
     def penalty(self, down):
         if "global_prompt" not in down:
             return None
-        anchor, mu = self.prompt(down["global_prompt"]), self.cfg.fedprox.mu
+        anchor, mu = self.prompt(down["global_prompt"]), self.options.mu
         return lambda ctx: 0.5 * mu * (ctx - anchor).pow(2).sum()
 
 
-@register
 class FedProx(PromptFL):
     """PromptFL plus the proximal term mu/2 * ||ctx - ctx_global||^2 (FedProx, Li et al. 2020)."""
-    name = "fedprox"
     Client = FedProxClient

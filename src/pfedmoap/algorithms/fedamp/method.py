@@ -37,26 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import register_section
-from ..errors import PFedMoAPError
-from . import register
-from .base import Array, Arrays, ClientPart, Method, PerClient, ServerPart
-
-
-@register_section("fedamp")
-@dataclass
-class FedAMPConfig:
-    sigma: float = 25.0           # attention scale: xi_ij ~ exp(sigma * cos(w_i, w_j))
-    self_weight: float = 0.5      # xi_ii, the client's own share of u_i
-    lam: float = 1.0              # weight of the proximal term lam/2 * ||ctx - u_i||^2
-
-    def validate(self):
-        if not self.sigma > 0:
-            raise PFedMoAPError(f"fedamp.sigma = {self.sigma}: expected > 0")
-        if not 0 <= self.self_weight <= 1:
-            raise PFedMoAPError(f"fedamp.self_weight = {self.self_weight}: expected 0 <= self_weight <= 1")
-        if not self.lam >= 0:
-            raise PFedMoAPError(f"fedamp.lam = {self.lam}: expected >= 0")
+from ...errors import PFedMoAPError
+from ...exchange import Array, PerClient
+from ..base import Arrays, ClientPart, Method, ServerPart
 
 
 def attention(store: np.ndarray, have: np.ndarray, clients: np.ndarray, sigma: float,
@@ -98,7 +81,7 @@ class Server(ServerPart):
     def configure_fit(self, round_, participants):
         if not self.have.any():
             return {}
-        f = self.cfg.fedamp
+        f = self.options
         xi = attention(self.store, self.have, participants, f.sigma, f.self_weight)
         counts = np.zeros(self.n_clients, np.int64)
         counts[participants] = 1
@@ -126,17 +109,15 @@ class Client(ClientPart):
         if got is not None and len(got):
             u = self.prompt(got[0])
             state.ctx = u.clone()
-            lam = self.cfg.fedamp.lam
+            lam = self.options.lam
             if lam > 0:
                 penalty = lambda ctx: 0.5 * lam * (ctx - u).pow(2).sum()  # noqa: E731
         self.train_prompt(state, data, round_, cid, penalty=penalty)
         return {"prompt": self.upload_prompt(state.ctx, round_, cid)}
 
 
-@register
 class FedAMP(Method):
     """Personalised attention-weighted prompt per participant plus a proximal term (PromptFL+FedAMP)."""
-    name = "fedamp"
     Server, Client = Server, Client
 
     def arrays(self) -> Arrays:

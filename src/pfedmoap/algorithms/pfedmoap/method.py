@@ -24,46 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import rng, router
-from ..clip.gating import GatingNetwork, LinearGate, moe_logits
-from ..config import register_section
-from ..errors import PFedMoAPError
-from . import register
-from .base import (Array, Arrays, Broadcast, ClientPart, Log, Method, PerClient, PromptState, ServerPart,
-                   fedavg)
-
-
-@register_section("moe")
-@dataclass
-class MoEConfig:
-    n_experts: int = 10           # K, counting the local prompt
-    router: str = "knn"           # see router.ROUTERS
-    lam: float = 0.5              # logits = lam * local + moe
-    gating_dim: int = 128
-    gating_heads: int = 8
-    scaling: float = 10.0
-    gating_lr: float = 0.01
-    gate: str = "attention"       # attention (the paper's) | linear (ablation)
-    aggregate_gate: bool = False  # ablation: FedAvg the gating networks like the prompt
-    gating_init: str = "shared"   # shared: one init for every client (the reference) | per_client
-    participation: str = "paper"  # paper | snapshot (see the module docstring)
-
-    def validate(self):
-        def need(ok, msg):
-            if not ok:
-                raise PFedMoAPError(msg)
-        need(self.n_experts >= 1, f"moe.n_experts = {self.n_experts}: expected K >= 1 (the local prompt counts)")
-        need(self.router in router.names(), f"moe.router = {self.router!r}: expected one of {', '.join(router.names())}")
-        need(self.gating_dim >= 1, f"moe.gating_dim = {self.gating_dim}: expected >= 1")
-        need(self.gating_heads >= 1 and self.gating_dim % self.gating_heads == 0,
-             f"moe.gating_heads = {self.gating_heads}: expected a divisor of moe.gating_dim = {self.gating_dim}")
-        need(self.scaling > 0, f"moe.scaling = {self.scaling}: expected > 0")
-        need(self.lam >= 0, f"moe.lam = {self.lam}: expected >= 0 (logits = lam * local + moe)")
-        need(self.gating_lr > 0, f"moe.gating_lr = {self.gating_lr}: expected > 0")
-        for key, value, allowed in (("gate", self.gate, ("attention", "linear")),
-                                    ("gating_init", self.gating_init, ("shared", "per_client")),
-                                    ("participation", self.participation, ("paper", "snapshot"))):
-            need(value in allowed, f"moe.{key} = {value!r}: expected one of {', '.join(allowed)}")
+from ... import rng, router
+from ...clip.gating import GatingNetwork, LinearGate, moe_logits
+from ...errors import PFedMoAPError
+from ...exchange import Array, Broadcast, PerClient
+from ..base import Arrays, ClientPart, Log, Method, PromptState, ServerPart, fedavg
 
 
 def _mask(n: int, ids) -> np.ndarray:
@@ -76,7 +41,7 @@ class Server(ServerPart):
     def __init__(self, method):
         super().__init__(method)
         N, P = self.n_clients, method.setup.prompt_size
-        self.E, self.m = method.n_experts, self.cfg.moe
+        self.E, self.m = method.n_experts, self.options
         self.pool = np.zeros((N, P), np.float32)
         self.in_pool = np.zeros(N, bool)
         self.gate_trained = np.zeros(N, bool)     # the client has trained with experts at least once
@@ -129,7 +94,7 @@ class Server(ServerPart):
         if "gating" in uploads:
             self.global_gating = fedavg(uploads["gating"], n)
 
-    def configure_evaluate(self, round_):
+    def configure_evaluate(self, round_, evaluated):
         out = {}
         if self.m.participation == "paper":
             everyone = np.arange(self.n_clients)
@@ -171,7 +136,7 @@ class State(PromptState):
 class Client(ClientPart):
     def __init__(self, method):
         super().__init__(method)
-        self.m = self.cfg.moe
+        self.m = self.options
         self._experts: dict[int, torch.Tensor | None] = {}    # this round's expert features per client
         self._round = -1
         self._eval_text: tuple[int, torch.Tensor] | None = None
@@ -258,17 +223,15 @@ class Client(ClientPart):
         return self.score(data, lambda x: moe_logits(state.gating, x, text, self.logit_scale, self.m.lam))
 
 
-@register
 class PFedMoAP(Method):
-    name = "pfedmoap"
     Server, Client = Server, Client
 
     def __init__(self, setup):
         super().__init__(setup)
-        self.n_experts = self.cfg.moe.n_experts - 1       # non-local experts per client
+        self.n_experts = self.options.n_experts - 1       # non-local experts per client
 
     def arrays(self) -> Arrays:
-        P, E, m = self.setup.prompt_size, self.n_experts, self.cfg.moe
+        P, E, m = self.setup.prompt_size, self.n_experts, self.options
         experts = (Array("expert_ids", E, "int32"), Array("experts", P)) if E else ()
         gating = ()
         up = (Array("prompt", P), Array("n_samples", 1))
@@ -281,7 +244,7 @@ class PFedMoAP(Method):
                       up=up, eval_down=(*eval_prompt, *experts, *gating))
 
     def _gating_size(self) -> int:
-        m, D = self.cfg.moe, self.setup.backbone.embed_dim
+        m, D = self.options, self.setup.backbone.embed_dim
         gate = LinearGate(D, m.gating_dim, m.n_experts) if m.gate == "linear" else \
             GatingNetwork(D, m.gating_dim, m.gating_heads, m.scaling)
         return sum(p.numel() for p in gate.parameters())

@@ -22,20 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import register_section
-from ..errors import PFedMoAPError
-from . import register
-from .base import Array, Arrays, Broadcast, ClientPart, Method, ServerPart, fedavg
-
-
-@register_section("fedper")
-@dataclass
-class FedPerConfig:
-    n_personal: int = -1          # personal (never aggregated) context vectors, the last ones; -1 = n_ctx // 2
-
-    def validate(self):
-        if self.n_personal < -1:
-            raise PFedMoAPError(f"fedper.n_personal = {self.n_personal}: expected >= 0, or -1 for n_ctx // 2")
+from ...errors import PFedMoAPError
+from ...exchange import Array, Broadcast
+from ..base import Arrays, ClientPart, Method, ServerPart, fedavg
 
 
 class Server(ServerPart):
@@ -48,7 +37,7 @@ class Server(ServerPart):
     def aggregate_fit(self, round_, participants, uploads):
         self.shared = fedavg(uploads["shared"], uploads["n_samples"][:, 0])
 
-    def configure_evaluate(self, round_):
+    def configure_evaluate(self, round_, evaluated):
         return {"global_shared": Broadcast(self.shared, np.ones(self.n_clients, bool))}
 
     def state_dict(self):
@@ -76,16 +65,14 @@ class Client(ClientPart):
         return super().evaluate(state, data, round_, cid, down)
 
 
-@register
 class FedPer(Method):
     """PromptFL sharing only the first n_ctx - n_personal context vectors (PromptFL+FedPer)."""
-    name = "fedper"
     Server, Client = Server, Client
 
     def __init__(self, setup):
         super().__init__(setup)
         n_ctx = setup.ctx_shape[0]
-        p = self.cfg.fedper.n_personal
+        p = self.options.n_personal
         self.n_personal = n_ctx // 2 if p == -1 else p
         if not 0 <= self.n_personal < n_ctx:
             raise PFedMoAPError(f"fedper.n_personal = {p}: expected 0 to {n_ctx - 1} (the prompt has "

@@ -30,43 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import rng
-from ..config import register_section
-from ..errors import PFedMoAPError
-from ..ot import METHODS, STOPS, OTOptions, ot_logits
-from . import register
-from .base import ClientPart, Method, PromptState
-from .coop import PromptFLServer, prompt_exchange
+from ... import rng
+from ...errors import PFedMoAPError
+from ...ot import OTOptions, ot_logits
+from ..base import ClientPart, Method, PromptState
+from ..coop.method import PromptFLServer, prompt_exchange
 
 
-@register_section("fedotp")
-@dataclass
-class FedOTPConfig:
-    method: str = "cot"            # "cot" (partial OT, the reference's COT) | "sinkhorn" (balanced)
-    eps: float = 0.1               # entropic regularisation
-    thresh: float = 1e-3           # stop: mean |change| of the watched scaling vector below this
-    max_iter: int = 100            # OT iterations at most
-    top_percent: float = 0.8       # COT: mass moved (the published scripts' 0.8, see pfedmoap.ot)
-    stop: str = "per_problem"      # "per_problem" | "batch" (the reference's rule)
-    n_prompts: int = 2             # global + local; only 2 is supported
-    all_clients_first_round: bool = True   # round 0 trains every client, as the reference does
-
-    def validate(self) -> None:
-        def need(ok, msg):
-            if not ok:
-                raise PFedMoAPError(msg)
-        need(self.method in METHODS, f"fedotp.method = {self.method!r}: expected one of {', '.join(METHODS)}")
-        need(self.stop in STOPS, f"fedotp.stop = {self.stop!r}: expected one of {', '.join(STOPS)}")
-        need(self.eps > 0, f"fedotp.eps = {self.eps}: expected > 0")
-        need(self.thresh >= 0, f"fedotp.thresh = {self.thresh}: expected >= 0")
-        need(1 <= self.max_iter <= 10 ** 6, f"fedotp.max_iter = {self.max_iter}: expected 1 to 1000000")
-        need(0 < self.top_percent <= 1, f"fedotp.top_percent = {self.top_percent}: expected a fraction in (0, 1]")
-        need(self.n_prompts == 2, f"fedotp.n_prompts = {self.n_prompts}: only 2 (one global and one local "
-                                  f"prompt) is supported")
-
-    def options(self) -> OTOptions:
-        return OTOptions(method=self.method, eps=self.eps, top_percent=self.top_percent, thresh=self.thresh,
-                         max_iter=self.max_iter, stop=self.stop)
+def ot_options(o) -> OTOptions:
+    """The OT solver's options from the [fedotp] section (FedOTPOptions)."""
+    return OTOptions(method=o.method, eps=o.eps, top_percent=o.top_percent, thresh=o.thresh,
+                     max_iter=o.max_iter, stop=o.stop)
 
 
 class Server(PromptFLServer):
@@ -74,7 +48,7 @@ class Server(PromptFLServer):
     evaluation, FedAvg of the uploads); round 0 may train every client."""
 
     def participants(self, round_):
-        if round_ == 0 and self.cfg.fedotp.all_clients_first_round:
+        if round_ == 0 and self.options.all_clients_first_round:
             return np.arange(self.n_clients)
         return super().participants(round_)
 
@@ -88,13 +62,13 @@ class State(PromptState):
 class Client(ClientPart):
     def __init__(self, method):
         super().__init__(method)
-        self.options = self.cfg.fedotp.options()
+        self.ot = ot_options(self.options)
         self._local: dict[int, torch.Tensor] = {}                 # local prompts' text features (C, D)
         self._global: tuple[int, torch.Tensor] | None = None      # (round, the global prompt's (C, D))
 
     # -------------------------------------------------------------- state
     def init_state(self, cid: int) -> State:
-        from ..clip.prompt import init_context
+        from ...clip.prompt import init_context
         ctx = super().init_state(cid).ctx
         # The same initial local prompt for every client (the reference copies one model's pair to
         # all); drawn apart from the global one. With prompt.init a phrase, both are that phrase.
@@ -112,7 +86,7 @@ class Client(ClientPart):
     # -------------------------------------------------------------- logits
     def logits(self, text: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """text (2, C, D): global then local prompt; patches (B, M, D) -> (B, C)."""
-        return ot_logits(patches, text, self.logit_scale, self.options)
+        return ot_logits(patches, text, self.logit_scale, self.ot)
 
     def _texts(self, ctx: torch.Tensor) -> torch.Tensor:
         """ctx (2, n_ctx, W) -> (2, C, D), differentiable; one prompt at a time (rank-count invariant)."""
@@ -134,7 +108,7 @@ class Client(ClientPart):
         if n == 0:
             return float("nan")
         if data.train_dense is None:
-            raise RuntimeError("fedotp needs dense image features (Method.image_features = 'dense')")
+            raise RuntimeError("fedotp needs dense image features (its manifest's DataNeeds(dense=True))")
         pair = torch.stack([state.ctx, state.local]).clone().requires_grad_(True)
         opt = torch.optim.SGD([pair], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         gen = rng.torch_generator(self.cfg.seed, "batches", round_, cid)
@@ -167,11 +141,8 @@ class Client(ClientPart):
         return self.score(replace(data, test_x=data.test_dense), lambda x: (self.logits(text, x), None))
 
 
-@register
 class FedOTP(Method):
     """Global (FedAvg) and local prompts matched to image patches by optimal transport (FedOTP, Li et al. 2024)."""
-    name = "fedotp"
-    image_features = "dense"
     Server, Client = Server, Client
 
     def arrays(self):

@@ -26,29 +26,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import rng
-from ..config import MAX_ROUNDS, register_section
-from ..errors import PFedMoAPError
-from . import register
-from .coop import PromptFL, PromptFLClient
-
-
-@register_section("promptfl_ft")
-@dataclass
-class PromptFLFTConfig:
-    epochs: int = 0               # local fine-tuning epochs before evaluation; 0 = train.local_epochs
-
-    def validate(self):
-        if not 0 <= self.epochs <= MAX_ROUNDS:
-            raise PFedMoAPError(f"promptfl_ft.epochs = {self.epochs}: expected 0 to {MAX_ROUNDS} "
-                                f"(0 = train.local_epochs)")
+from ... import rng
+from ...errors import PFedMoAPError
+from ..coop.method import PromptFL, PromptFLClient
 
 
 class Client(PromptFLClient):
     """PromptFL's client; evaluated with a locally fine-tuned copy of the global prompt."""
 
     def epochs(self) -> int:
-        return self.cfg.promptfl_ft.epochs or self.cfg.train.local_epochs
+        return self.options.epochs or self.cfg.train.local_epochs
 
     def finetune(self, global_ctx: torch.Tensor, data, round_: int, cid: int) -> torch.Tensor:
         """A fine-tuned copy of `global_ctx` (n_ctx, W): SGD on the client's training images with
@@ -86,9 +73,7 @@ class Client(PromptFLClient):
         return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
 
 
-@register
 class PromptFLFT(PromptFL):
     """PromptFL whose clients fine-tune the global prompt locally before evaluation (PromptFL+FT)."""
-    name = "promptfl_ft"
     Client = Client
 
