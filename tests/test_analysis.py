@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pfedmoap.algorithms.pfedmoap_figures import (expert_counts, expert_figure, gating_figure,
+from pfedmoap.algorithms.pfedmoap.figures import (expert_counts, expert_figure, gating_figure,
                                                   mean_gate_weight)
 from pfedmoap.analysis import Stat, format_table, load_run, report_main, summarize
 from pfedmoap.errors import PFedMoAPError

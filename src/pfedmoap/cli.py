@@ -187,7 +187,7 @@ def _header(cfg, size: int) -> str:
     are the method's (a one-round method's 1, whatever `rounds` says)."""
     from . import algorithms
     d = cfg.data
-    rounds = algorithms.get(cfg.algorithm).rounds_for(cfg)
+    rounds = algorithms.manifest(cfg.algorithm).rounds_for(cfg)
     return (f"# pfedmoap {cfg.algorithm}: {d.dataset}, {d.partition} partition, {_plural(d.n_clients, 'client')}, "
             f"{_plural(rounds, 'round')}, world size {size} -> {cfg.out}")
 

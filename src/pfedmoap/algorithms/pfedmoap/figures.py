@@ -1,5 +1,5 @@
 """pFedMoAP's own figures, drawn by `pfedmoap report --plot` through the method's manifest
-(`figures`): which clients served as whose experts (`/rounds/experts`) and how the gating network
+(`figures` in __init__.py): which clients served as whose experts (`/rounds/experts`) and how the gating network
 weighs the local prompt against them (`/rounds/gate_weight`).
 
 A draw function takes a run read back (`pfedmoap.analysis.Run`) and the title naming it (method,
