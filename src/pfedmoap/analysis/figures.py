@@ -111,6 +111,7 @@ def accuracy_figure(groups: list[Group], title: str = ""):
     handles, labels = [], []
     partial_rounds = False
     n_max = max([g.runs[0].n_done for g in groups] + [1])
+    alpha = 0.2 if len(groups) <= 4 else 0.1        # many overlapping bands: lighter
     for group, colour, style in _styles(groups):
         curves = 100 * np.stack([r.accuracy_curve() for r in group.runs])    # fully evaluated rounds
         mean = curves.mean(axis=0)
@@ -119,13 +120,13 @@ def accuracy_figure(groups: list[Group], title: str = ""):
         if len(mean) == 1 and group.runs[0].n_planned == 1:   # one evaluation: a level, not a point
             line = ax.axhline(mean[0], linestyle="--", color=colour)
             band = None if std is None else ax.axhspan(mean[0] - std[0], mean[0] + std[0],
-                                                      color=colour, alpha=0.15)
+                                                      color=colour, alpha=alpha)
         else:  # rounds not evaluated (run.eval_every) are skipped, not drawn as gaps
             x = np.arange(1, len(mean) + 1)
             ok = np.isfinite(mean)
             (line,) = ax.plot(x[ok], mean[ok], marker="o", markersize=3, color=colour, linestyle=style)
             band = None if std is None else ax.fill_between(x[ok], (mean - std)[ok], (mean + std)[ok],
-                                                            color=colour, alpha=0.2)
+                                                            color=colour, alpha=alpha)
             # rounds that evaluated only their participants (run.eval_clients): hollow markers
             partial = 100 * np.stack([r.accuracy_curve(full_only=False) for r in group.runs]).mean(axis=0)
             some = ~ok & np.isfinite(partial)
