@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import algorithms
 from .errors import PFedMoAPError, ReportedElsewhere
 
 
@@ -60,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a configuration (no CONFIG: the embedded quick-start)")
     run.add_argument("config", nargs="?", help="TOML file")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set algorithm=pfedmoap --set data.beta=0.1")
+                     help="override a config key, e.g. --set data.beta=0.1 --set algorithm=NAME (NAME: "
+                          f"{', '.join(m.name for m in algorithms.manifests())})")
     run.add_argument("--out", help="run directory (default: the config's `out`)")
     run.add_argument("--if-exists", choices=("refuse", "resume", "overwrite"), default="refuse",
                      help="when the run directory already holds a run (default: refuse)")
@@ -185,7 +187,6 @@ def _run(configs, comm, if_exists: str) -> int:
 def _header(cfg, size: int) -> str:
     """One line per run (the full config is in results.h5): what runs, on what, where; the rounds
     are the method's (a one-round method's 1, whatever `rounds` says)."""
-    from . import algorithms
     d = cfg.data
     rounds = algorithms.manifest(cfg.algorithm).rounds_for(cfg)
     return (f"# pfedmoap {cfg.algorithm}: {d.dataset}, {d.partition} partition, {_plural(d.n_clients, 'client')}, "
@@ -272,16 +273,19 @@ def _resume(run_dir: str, comm) -> int:
 
 
 def _info(comm) -> int:
+    """Versions, methods, world and devices. What needs no torch is printed before torch is imported
+    (seconds on a loaded node)."""
+    from . import __version__, comm as comm_mod, store
+    say = _out if comm.rank == 0 else (lambda text: None)
+    say("\n".join([f"pfedmoap {__version__}", f"python {sys.version.split()[0]}",
+                   f"methods: {', '.join(m.name for m in algorithms.manifests())}",
+                   store.library_versions(), comm_mod.library_versions(), f"world size {comm.size}"]))
     import open_clip
     import torch
-    from . import __version__, comm as comm_mod, store
-    lines = [f"pfedmoap {__version__}", f"python {sys.version.split()[0]}", f"torch {torch.__version__}",
-             f"open_clip {open_clip.__version__}", store.library_versions(), comm_mod.library_versions(),
-             f"world size {comm.size}"]
     cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    lines.append(f"devices: cpu ({_plural(torch.get_num_threads(), 'thread')})" + "".join(f", cuda:{i} {n}" for i, n in enumerate(cuda)))
-    if comm.rank == 0:
-        _out("\n".join(lines))
+    say("\n".join([f"torch {torch.__version__}", f"open_clip {open_clip.__version__}",
+                   f"devices: cpu ({_plural(torch.get_num_threads(), 'thread')})"
+                   + "".join(f", cuda:{i} {n}" for i, n in enumerate(cuda))]))
     return 0
 
 

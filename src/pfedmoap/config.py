@@ -149,7 +149,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    # The algorithm's own options (its manifest's options class; in TOML its section, e.g. [moe]),
+    # The algorithm's own options (its manifest's options class; in TOML its manifest's section),
     # None if it has none. A config holds only its own method's options: another method's section
     # is not part of it (config files may carry them; see `load`).
     options: typing.Any = None
@@ -384,8 +384,8 @@ def load(path: str | None = None, overrides: list[str] = (), base: dict | None =
     keys (dotted or nested) to values, as a file would hold them.
 
     The config holds the options of the algorithm the last layer names, only. Another method's
-    section in `base`, a file or an overlay (a data-set config holds pFedMoAP's [moe] for every
-    method's run) is checked and left out; in `overrides` it is refused (`other_methods =
+    section in `base`, a file or an overlay (a data-set config may hold one method's section for the
+    runs of every method) is checked and left out; in `overrides` it is refused (`other_methods =
     "refuse"`: the key would change nothing), or left out too ("skip": overrides shared by the
     runs of several methods, as the quick-start's and a table's)."""
     from . import configs          # an existing file, else a packaged name such as paper/food101

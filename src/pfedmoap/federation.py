@@ -71,7 +71,7 @@ def _check_finite(round_: int, cid: int, values: dict, what: str) -> None:
         a = np.asarray(v)
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise PFedMoAPError(f"round {round_ + 1}, client {cid}: {what} {name!r} is not finite "
-                                f"(diverged? lower train.lr, check dp.noise_multiplier and moe.lam); "
+                                f"(diverged? lower train.lr, check dp.noise_multiplier and the method's options); "
                                 f"the run stops, its last checkpoint is the last good state")
 
 
