@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -507,3 +508,11 @@ def test_console_final_table_shows_percent():
             rows.setdefault(line.split()[0], []).append(line.split()[1:])
     assert rows["pfedmoap"] == [["50.00", "81.25"], ["25.00", "100.00"]], text
     assert rows["zeroshot"] == [["37.50", "37.50"], ["50.00", "50.00"]], text
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "src" / "pfedmoap"
+                                                           / "analysis").glob("*.py")))
+def test_analysis_names_no_method(module):
+    """Order, labels, colours, one-round methods and a method's own figures come from the manifests."""
+    from test_layers import test_central_modules_name_no_method
+    test_central_modules_name_no_method(f"analysis/{module}")
