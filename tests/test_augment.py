@@ -138,7 +138,7 @@ def test_cached_blocks_equal_a_direct_computation(setup, tmp_path):
 def _federation(tmp_path, sets):
     from pfedmoap.federation import Federation
     cfg = config.load(None, sets, base=config.QUICKSTART)     # as `pfedmoap run` without a config file
-    return Federation(cfg, LocalComm(), log=lambda *a: None)
+    return Federation(cfg, LocalComm())
 
 
 def test_build_precomputes_the_participants_rounds_and_fit_never_calls_the_image_tower(tmp_path):

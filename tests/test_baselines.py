@@ -65,7 +65,7 @@ class Trace:
 
     def __init__(self, algorithm: str, run_dir: Path, *extra):
         self.cfg = config.load(None, _sets(algorithm, *extra))
-        fed = self.fed = Federation(self.cfg, LocalComm(), log=lambda *a: None)
+        fed = self.fed = Federation(self.cfg, LocalComm())
         self.fit, self.evaluate, self.train, self.finetune = [], [], [], []
         self.configure_fit, self.configure_evaluate = [], []
         client, server = fed.client, fed.server

@@ -83,17 +83,17 @@ def test_many_problems_are_listed_up_to_a_limit_and_counted(tmp_path):
     base = _make_dtd(tmp_path, extra_missing=gone)
     (base / "images" / "class_0" / "train_0.jpg").unlink()      # the very first image too
     (base / "images" / "class_0" / "test_1.jpg").write_bytes(b"not an image")
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.raises(PFedMoAPError) as e:
-        disk.check_root(_cfg("dtd", tmp_path), out=out, err=err)
+    with pytest.raises(disk.DataProblems) as e:
+        disk.check_root(_cfg("dtd", tmp_path))
+    out, err = e.value.report, e.value.listing
     n = len(gone) + 2
     assert str(e.value) == (f"data check dtd at {tmp_path}: {n} image problems ({n - 1} missing, 1 undecodable); "
                             f"listed above")
-    lines = err.getvalue().strip().splitlines()
+    lines = err.strip().splitlines()
     assert lines[0] == f"dtd: {n} problems:"
     assert len(lines) == 1 + disk.SHOWN_PROBLEMS + 1 and lines[-1] == f"  ... and {n - disk.SHOWN_PROBLEMS} more"
     assert "train_0.jpg: missing" in lines[1]
-    assert "first train image" not in out.getvalue() and "first test image" in out.getvalue()
+    assert "first train image" not in out and "first test image" in out
     # a plain load still stops at the first missing image, in one line
     with pytest.raises(PFedMoAPError, match="train_0.jpg .*missing"):
         load_dataset(_cfg("dtd", tmp_path))
@@ -108,10 +108,9 @@ def test_domain_split_file_naming_missing_images(tmp_path):
     (base / "sketch_test.txt").write_text("sketch/zebra/1.jpg 9\n")
     cfg = _cfg("domainnet", tmp_path, domains=["sketch"])
     assert load_dataset(cfg).train.keys == ["domainnet/sketch/bird/0.jpg"]      # skipped when loading
-    err = io.StringIO()
-    with pytest.raises(PFedMoAPError, match=r"1 image problem \(1 missing\)"):
-        disk.check_root(cfg, out=io.StringIO(), err=err)
-    assert f"{base / 'sketch' / 'bird' / '7.jpg'}: missing (named by sketch_train split file)" in err.getvalue()
+    with pytest.raises(disk.DataProblems, match=r"1 image problem \(1 missing\)") as e:
+        disk.check_root(cfg)
+    assert f"{base / 'sketch' / 'bird' / '7.jpg'}: missing (named by sketch_train split file)" in e.value.listing
 
 
 def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):

@@ -56,7 +56,7 @@ def test_the_schedule_is_part_of_the_run_identity():
 def _run(out, extra=(), count=None):
     """One run in this process; `count` collects (round, client) of every evaluate call."""
     cfg = config.load(None, SETS + list(extra), base=config.QUICKSTART)   # as `pfedmoap run` builds it
-    fed = federation.Federation(cfg, comm.LocalComm(), log=lambda *a, **k: None)
+    fed = federation.Federation(cfg, comm.LocalComm())
     if count is not None:
         evaluate = fed.client.evaluate
 

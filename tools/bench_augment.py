@@ -66,7 +66,7 @@ def child(mode: str, sets: list[str], out: str) -> dict:
     from pfedmoap.federation import Federation
     cfg = config.load(None, sets + MODES[mode], base=config.QUICKSTART)
     t = time.perf_counter()
-    fed = Federation(cfg, LocalComm(), log=lambda *a: None)
+    fed = Federation(cfg, LocalComm())
     startup = time.perf_counter() - t
     b = fed.build
     if mode == "reference":

@@ -367,7 +367,7 @@ def run_scenario(sets: list[str], out_dir: str) -> dict:
     from pfedmoap import comm, config, federation, store
     cfg = config.load(None, sets, base=config.QUICKSTART)
     t0 = time.perf_counter()
-    fed = federation.Federation(cfg, comm.LocalComm(), log=lambda *a, **k: None)
+    fed = federation.Federation(cfg, comm.LocalComm())
     t_setup = time.perf_counter() - t0
     fed.run(out_dir, "overwrite")
     t_total = time.perf_counter() - t0
@@ -486,7 +486,7 @@ def cmd_scale1(args) -> None:
     world = comm_mod.world()
     cfg = config.load(None, args.sets, base=config.QUICKSTART)
     t0 = time.perf_counter()
-    fed = federation.Federation(cfg, world, log=lambda *a, **k: None)
+    fed = federation.Federation(cfg, world)
     setup = time.perf_counter() - t0
     after_setup = proc_status()
     commits: list[float] = []

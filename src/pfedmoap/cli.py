@@ -5,6 +5,7 @@ Bad input anywhere is one line `error: ...` and exit code 2, on every rank.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import signal
@@ -14,6 +15,9 @@ from pathlib import Path
 
 from . import algorithms
 from .errors import PFedMoAPError, ReportedElsewhere
+
+
+log = logging.getLogger(__name__)
 
 
 def _out(text: str) -> None:
@@ -34,6 +38,7 @@ def _drop_stdout() -> None:
 
 
 EXIT_PIPE = 128 + signal.SIGPIPE       # what a shell shows for a writer its reader left
+_running = {"out": None}               # the run directory being run on this rank 0, if any
 
 
 class _UsageError(PFedMoAPError):
@@ -58,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pfedmoap", description="Personalized federated prompt learning for CLIP "
                                 "(pFedMoAP and baselines) on MPI clusters.")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a configuration (no CONFIG: the embedded quick-start)")
+    v = _Parser(add_help=False)         # every command: how much the library tells on the console
+    v.add_argument("-v", "--verbose", action="count", default=0, help="more messages (e.g. phase times per round)")
+    v.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
+    run = sub.add_parser("run", parents=[v], help="run a configuration (no CONFIG: the embedded quick-start)")
     run.add_argument("config", nargs="?", help="TOML file")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set data.beta=0.1 --set algorithm=NAME (NAME: "
@@ -74,9 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tables", metavar="FILE", help="with --table: the tables file (default: the packaged one)")
     run.add_argument("--index", type=int, action="append", default=[], metavar="I",
                      help="with --table: only run I (repeatable; pfedmoap table runs TABLE lists them)")
-    res = sub.add_parser("resume", help="continue a run from its checkpoint")
+    res = sub.add_parser("resume", parents=[v], help="continue a run from its checkpoint")
     res.add_argument("run_dir")
-    rep = sub.add_parser("report", help="tables (and figures) from finished or running runs")
+    rep = sub.add_parser("report", parents=[v], help="tables (and figures) from finished or running runs")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--format", choices=("table", "csv", "markdown", "latex"), default="table",
                      help="latex: with --table only")
@@ -86,11 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--plot", metavar="DIR", help="write PNG figures to DIR")
     rep.add_argument("--follow", action="store_true", help="one run being written: print each round as it "
                      "lands, until the run is complete or stopped (or Ctrl-C)")
-    sub.add_parser("info", help="versions, MPI library, world size, devices")
+    sub.add_parser("info", parents=[v], help="versions, MPI library, world size, devices")
     data = sub.add_parser("data", help="data-set tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
     from .data.datasets import available
-    chk = dsub.add_parser("check", help="validate a data root and print per-split counts",
+    chk = dsub.add_parser("check", parents=[v], help="validate a data root and print per-split counts",
                           description="Load a data set from its root, open and decode every image it "
                           "uses, and print its split counts, classes and domains; a wrong layout is one "
                           "line naming the path and the layout expected (docs/reproducing.md).")
@@ -100,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="the folder that holds it (data.root; the embedded ones need none)")
     chk.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="any other data key as a run would get it, e.g. --set data.domains=clipart,sketch")
-    tab = sub.add_parser("table", help="the paper's tables: list them, or one table's runs")
+    tab = sub.add_parser("table", parents=[v], help="the paper's tables: list them, or one table's runs")
     tab.add_argument("action", choices=("list", "runs"))
     tab.add_argument("name", nargs="?", metavar="TABLE")
     tab.add_argument("--tables", metavar="FILE", help="the tables file (default: the packaged one)")
@@ -150,33 +158,25 @@ def _configs(args) -> list:
 def _run(configs, comm, if_exists: str) -> int:
     from . import config, federation
     from .data.partition import partition_summary
-    current = {"out": None}
-
-    def say(text: str) -> None:
-        """Rank 0's console. If its reader goes away (`| head`), the run is not killed mid-round:
-        it stops at the round's end with its checkpoint, as on SIGTERM, and says so on stderr."""
-        if comm.rank != 0:
-            return
-        try:
-            _out(text)
-        except BrokenPipeError:
-            federation.request_stop()
-            print(f"# stdout closed: stopping after this round; resume with: pfedmoap resume {current['out']}",
-                  file=sys.stderr, flush=True)
+    say = log.info if comm.rank == 0 else (lambda *a, **k: None)      # the run's progress (-q hides it)
     if not configs:                       # run --table --if-exists resume: every run was complete
         say("nothing left to run")
         return 0
     outcomes = []
-    for cfg in configs:
-        current["out"] = cfg.out
-        say(_header(cfg, comm.size))
-        fed = federation.Federation(cfg, comm, log=say)
-        say(_clip_lines(partition_summary(fed.partition, fed.dataset), 21))
-        outcome = fed.run(cfg.out, if_exists)
-        outcomes.append((cfg, outcome))
-        if outcome.status == "stopped":
-            say(f"stopped on a signal; checkpoint written to {cfg.out}; resume with: pfedmoap resume {cfg.out}")
-            return federation.EXIT_STOPPED
+    try:
+        for cfg in configs:
+            _running["out"] = cfg.out
+            say(_header(cfg, comm.size))
+            fed = federation.Federation(cfg, comm)
+            say(_clip_lines(partition_summary(fed.partition, fed.dataset), 21))
+            outcome = fed.run(cfg.out, if_exists)
+            outcomes.append((cfg, outcome))
+            if outcome.status == "stopped":
+                if comm.rank == 0:
+                    _out(f"stopped on a signal; checkpoint written to {cfg.out}; resume with: pfedmoap resume {cfg.out}")
+                return federation.EXIT_STOPPED
+    finally:
+        _running["out"] = None
     if comm.rank == 0:
         _out(_final_table(outcomes))
         if len(configs) > 1 and all(c.rounds == config.QUICKSTART["rounds"] for c in configs):
@@ -291,9 +291,14 @@ def _info(comm) -> int:
 
 def _data_check(args) -> int:
     from . import config
-    from .data.disk import check_root
+    from .data.disk import DataProblems, check_root
     cfg = config.load(None, args.sets + [f"data.dataset={args.dataset}"] + ([f"data.root={args.root}"] if args.root else []))
-    _out(check_root(cfg.data))
+    try:
+        _out(check_root(cfg.data))
+    except DataProblems as e:          # the description, the problems, then the error line
+        _out(e.report)
+        print(e.listing, file=sys.stderr, flush=True)
+        raise
     return 0
 
 
@@ -317,6 +322,46 @@ def _follow(run_dirs: list[str]) -> int:
     return 0
 
 
+class _Console(logging.StreamHandler):
+    """The library's messages as plain lines: on the current sys.stdout, warnings and errors on
+    sys.stderr as `warning: ...`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        self.setFormatter(logging.Formatter("warning: %(message)s" if record.levelno >= logging.WARNING
+                                            else "%(message)s"))
+        super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError) and self.stream is sys.stdout:
+            _stdout_closed()            # `pfedmoap run | head`: no "--- Logging error ---" traceback
+        else:
+            super().handleError(record)
+
+
+def _stdout_closed() -> None:
+    """stdout's reader went away while a run logs its progress: nothing more goes there, and the
+    run is not killed mid-round: it stops at the round's end with its checkpoint, as on SIGTERM,
+    and says so on stderr."""
+    _drop_stdout()
+    if _running["out"] is not None:
+        from . import federation
+        federation.request_stop()
+        print(f"# stdout closed: stopping after this round; resume with: pfedmoap resume {_running['out']}",
+              file=sys.stderr, flush=True)
+        _running["out"] = None
+
+
+def _console(verbosity: int) -> None:
+    """The library logs to module loggers under `pfedmoap`; the console shows INFO (the per-round
+    lines), DEBUG with -v, WARNING and above with -q. Other libraries' loggers are left as they are."""
+    log = logging.getLogger("pfedmoap")
+    if not any(isinstance(h, _Console) for h in log.handlers):    # main() may run several times in a process
+        log.addHandler(_Console())
+        log.propagate = False
+    log.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
+
+
 def _request_stop(*_args) -> None:
     from . import federation
     federation.request_stop()
@@ -331,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if comm_mod.launcher_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    _console(args.verbose - args.quiet)
     if args.command in ("run", "resume"):
         # From the first moment: a preemption notice during start-up is honoured at the first
         # round's end instead of killing the rank.

@@ -7,6 +7,7 @@ each hosted client, counts bytes, times phases and writes results and checkpoint
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from .build import Build
 from .config import Config, recorded_run_hash, run_hash
 from .errors import PFedMoAPError
 from .exchange import Broadcast, PerClient, Transport
+
+log = logging.getLogger(__name__)
 
 PHASES = ("comm", "prepare", "train", "eval", "write", "server")   # server: rank 0's method work
 CHECKPOINT_BLOCK_BYTES = 64 << 20   # client states per gather/scatter step of a checkpoint, all ranks together
@@ -76,8 +79,8 @@ def _check_finite(round_: int, cid: int, values: dict, what: str) -> None:
 
 
 class Federation:
-    def __init__(self, cfg: Config, comm, log=print):
-        self.cfg, self.comm, self.log = cfg, comm, log
+    def __init__(self, cfg: Config, comm):
+        self.cfg, self.comm = cfg, comm
         self.root = comm.rank == 0
         b = self.build = Build(cfg, comm)
         self.dataset, self.partition, self.N = b.dataset, b.partition, b.N
@@ -135,7 +138,7 @@ class Federation:
             t = time.perf_counter()
             if self.root:
                 self.results.write(status)      # the commit: a committed row never changes
-                self.log(self._line)            # a round on the console is a round in results.h5
+                log.info(self._line)            # a round on the console is a round in results.h5
             if last or stop or (every and (r + 1) % every == 0):
                 self._checkpoint(run_dir, r + 1)
             if self.root:      # counted in the next round's write phase (after the last: final_write_time)
@@ -266,6 +269,10 @@ class Federation:
             evaluated=evaluated))
         self._line = store.round_line(r, self.rounds, metrics[:, 0], len(participants), int(evaluated.sum()), N,
                                       time.perf_counter() - t_round, digits=1)      # printed once committed
+        slowest = phases.reshape(self.comm.size, len(PHASES)).max(0)
+        log.debug("round %d: slowest rank's seconds %s; bytes up %d, down %d", r + 1,
+                  ", ".join(f"{p} {s:.2f}" for p, s in zip(PHASES, slowest)), int(bytes_up.sum()),
+                  int((bytes_down + eval_bytes).sum()))
         self.results.add_time(time.perf_counter() - t)
 
     def _configure_evaluate(self, r: int, evaluated: np.ndarray) -> dict:

@@ -53,14 +53,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+class _NoRandomInitWarning(logging.Filter):
+    """open_clip's warning (through the root logger) that no weights were loaded: weights, if any,
+    are loaded next. Only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
 def _create_bare(open_clip, model_name: str, quick_gelu: bool = False):
-    """The architecture with random weights; open_clip's warning that no weights were loaded is
-    muted because weights, if any, are loaded next."""
-    logging.getLogger().disabled = True
+    """The architecture with random weights."""
+    root, quiet = logging.getLogger(), _NoRandomInitWarning()
+    root.addFilter(quiet)           # a logger's filter sees only the records logged on it: open_clip's
     try:
         return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
     finally:
-        logging.getLogger().disabled = False
+        root.removeFilter(quiet)
 
 
 # Keys only OpenAI's TorchScript CLIP has (ints in its state dict; not model parameters).

@@ -574,13 +574,21 @@ def _scan(ds, problems: list) -> set[tuple[str, int]]:
     return bad
 
 
-def check_root(cfg, out=None, err=None) -> str:
+class DataProblems(PFedMoAPError):
+    """`data check` met missing or undecodable images: the one-line message, the description of the
+    data set (`report`) and the problems (`listing`: the first SHOWN_PROBLEMS and a count of the rest)."""
+
+    def __init__(self, message: str, report: str, listing: str):
+        super().__init__(message)
+        self.report, self.listing = report, listing
+
+
+def check_root(cfg) -> str:
     """Load cfg.dataset from cfg.root, open and decode every image it uses, and describe it: split
     counts, classes, domains, a sample image.
 
-    Raises PFedMoAPError (one line) when the root is missing or malformed, or when any image is
-    missing or undecodable: then the description goes to `out` (stdout) and the problems, the
-    first SHOWN_PROBLEMS of them and a count of the rest, to `err` (stderr) first."""
+    Raises PFedMoAPError (one line) when the root is missing or malformed, DataProblems when any
+    image is missing or undecodable."""
     from .datasets import load_dataset
 
     problems: list[tuple[str, str]] = []
@@ -612,15 +620,12 @@ def check_root(cfg, out=None, err=None) -> str:
                          f"label {s.labels[0]} = {ds.classnames[s.labels[0]]!r})")
     if not problems:
         return "\n".join(lines)
-    out = sys.stdout if out is None else out
-    err = sys.stderr if err is None else err
-    print("\n".join(lines), file=out, flush=True)
     n = len(problems)
     listed = [f"  {why}" for _, why in problems[:SHOWN_PROBLEMS]]
     if n > SHOWN_PROBLEMS:
         listed.append(f"  ... and {n - SHOWN_PROBLEMS} more")
-    print(f"{ds.name}: {n} problem{'s' if n != 1 else ''}:\n" + "\n".join(listed), file=err, flush=True)
     kinds = {k: sum(1 for kk, _ in problems if kk == k) for k in ("missing", "undecodable")}
     detail = ", ".join(f"{v} {k}" for k, v in kinds.items() if v)
-    raise PFedMoAPError(f"data check {ds.name} at {getattr(cfg, 'root', '') or '(embedded)'}: "
-                        f"{n} image problem{'s' if n != 1 else ''} ({detail}); listed above")
+    raise DataProblems(f"data check {ds.name} at {getattr(cfg, 'root', '') or '(embedded)'}: "
+                       f"{n} image problem{'s' if n != 1 else ''} ({detail}); listed above",
+                       "\n".join(lines), f"{ds.name}: {n} problem{'s' if n != 1 else ''}:\n" + "\n".join(listed))
