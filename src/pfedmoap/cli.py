@@ -17,7 +17,7 @@ from . import algorithms
 from .errors import PFedMoAPError, ReportedElsewhere
 
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pfedmoap.cli")     # not __name__: `python -m pfedmoap.cli` runs as __main__
 
 
 def _out(text: str) -> None:
