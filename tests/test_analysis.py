@@ -288,6 +288,7 @@ def test_a_run_held_open_by_its_writer_can_be_reported(tmp_path):
         writer.communicate("", timeout=30)
 
 
+@pytest.mark.slow
 def test_report_of_real_runs_matches_their_hdf5(tmp_path):
     """Two seeds of a real (tiny) run: the report's numbers are the files' numbers."""
     import subprocess

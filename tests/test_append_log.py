@@ -98,6 +98,7 @@ def uninterrupted(tmp_path_factory):
     return rounds
 
 
+@pytest.mark.slow
 def test_a_kill_at_random_moments_leaves_every_reported_round(uninterrupted, tmp_path):
     rng = random.Random(16)
     kills = 0
@@ -153,6 +154,7 @@ def test_a_commit_writes_its_rows_and_rounds_done_only(tmp_path):
     res.close()
 
 
+@pytest.mark.slow
 def test_a_stopped_log_is_cut_and_a_resumed_one_continues_exactly(uninterrupted, tmp_path):
     n, rounds = N_CLIENTS, N_ROUNDS
     res = lib["results"](tmp_path, n, rounds)
@@ -227,6 +229,7 @@ def _run_args(out: Path, *extra: str) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 def test_a_killed_run_keeps_its_rounds_and_resumes_exactly(tmp_path):
     ref = tmp_path / "ref"
     p = subprocess.run(_run_args(ref), capture_output=True, text=True, env=ENV, timeout=600)

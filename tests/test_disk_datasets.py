@@ -254,6 +254,7 @@ def test_paper_configs_name_registered_data_sets():
 
 # ------------------------------------------------------------------ a corrupt image on one rank
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", [False, True])
 def test_a_corrupt_image_ends_every_rank_with_one_line(tmp_path, cache):
     import os

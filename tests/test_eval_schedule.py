@@ -76,6 +76,7 @@ def runs(tmp_path_factory):
             "dir": base}
 
 
+@pytest.mark.slow
 def test_evaluated_clients_nan_elsewhere_and_the_last_round_full(runs):
     rd = runs["sched"]["rounds"]
     ev, part = rd["evaluated"], rd["participated"]
@@ -92,6 +93,7 @@ def test_evaluated_clients_nan_elsewhere_and_the_last_round_full(runs):
     assert runs["every"]["rounds"]["evaluated"].all()
 
 
+@pytest.mark.slow
 def test_evaluation_work_is_skipped_for_the_others(runs):
     ev = runs["sched"]["rounds"]["evaluated"]
     calls = runs["calls"]
@@ -104,6 +106,7 @@ def test_evaluation_work_is_skipped_for_the_others(runs):
     assert (runs["every"]["rounds"]["bytes_down"][idle] > 0).any()      # which it did with the default
 
 
+@pytest.mark.slow
 def test_evaluated_values_equal_the_every_round_run(runs):
     """For pFedMoAP, evaluation changes nothing that is trained: the evaluated entries, the
     participation and the training traffic are those of the run that evaluates everyone."""
@@ -116,6 +119,7 @@ def test_evaluated_values_equal_the_every_round_run(runs):
     np.testing.assert_array_equal(got["experts"][got["participated"]], ref["experts"][got["participated"]])
 
 
+@pytest.mark.slow
 def test_report_and_figures_read_the_gaps(runs, tmp_path):
     run = analysis.load_run(runs["dir"] / "sched")
     curve = run.accuracy_curve()
@@ -140,6 +144,7 @@ def test_report_and_figures_read_the_gaps(runs, tmp_path):
     assert row.acc_last5.mean == pytest.approx(float(np.mean(curve[-5:])))
 
 
+@pytest.mark.slow
 def test_resuming_under_another_schedule_is_refused(runs):
     out = runs["dir"] / "sched"
     args = [sys.executable, "-m", "pfedmoap.cli", "run", "--out", str(out), "--if-exists", "resume"]
@@ -149,6 +154,7 @@ def test_resuming_under_another_schedule_is_refused(runs):
     assert p.returncode == 2 and "different configuration" in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec beside the venv's python")
 def test_the_schedule_gives_the_same_results_at_3_ranks(runs, tmp_path):
     args = [MPIEXEC, "-n", "3", sys.executable, "-m", "pfedmoap.cli", "run", "--out", str(tmp_path / "r3")]

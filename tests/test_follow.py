@@ -10,8 +10,11 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from pfedmoap import store
+
+pytestmark = pytest.mark.slow          # whole federated runs in subprocesses (README: quick subset)
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 ROUNDS = 12

@@ -203,6 +203,16 @@ def test_readme_commands_and_ci():
     assert test == "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/pytest"
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == test
+    # the services the tests use are prepared before, by CI, never by the tests (issue 19)
+    assert any("tools/slurm_local.sh start" in line for line in ci[:-1])
+
+
+def test_readme_documents_the_quick_subset_and_it_is_a_marker():
+    text = (ROOT / "README.md").read_text()
+    assert '.venv/bin/pytest -m "not slow"' in text
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
+    markers = [m.split(":")[0] for m in tool["pytest"]["ini_options"]["markers"]]
+    assert {"slow", "slurm"} <= set(markers)
 
 
 def test_readme_site_mpi_recipe():
@@ -218,3 +228,14 @@ def test_readme_site_mpi_recipe():
     assert at == sorted(at), steps
     assert any("--index-url https://download.pytorch.org/whl/cpu" in s for s in steps)
     assert not any(s.startswith("pip install") and "[mpi]" in s for s in steps)
+
+
+def test_torch_is_a_range_that_admits_the_tested_release():
+    """A range, not a pin (a cluster keeps its own torch), that admits what the suite runs on."""
+    from importlib.metadata import version
+    from packaging.requirements import Requirement
+    reqs = {r.name: r for r in map(Requirement, _pyproject()["dependencies"])}
+    for name in ("torch", "torchvision"):
+        spec = reqs[name].specifier
+        assert not any(s.operator == "==" for s in spec), spec
+        assert version(name).split("+")[0] in spec, (name, version(name), spec)

@@ -123,6 +123,7 @@ def toy_runs(tmp_path_factory):
     return {r: _run(tmp, r, f"r{r}") for r in ((0, 3) if os.path.exists(MPIEXEC) else (0,))}
 
 
+@pytest.mark.slow
 def test_toy_method_downloads_are_the_nearest_means_and_counted(toy_runs):
     rounds = toy_runs[0]
     part, near = rounds["participated"], rounds["nearest"]
@@ -144,6 +145,7 @@ def test_toy_method_downloads_are_the_nearest_means_and_counted(toy_runs):
     assert np.isfinite(rounds["ctx_norm"]).all() and rounds["ctx_norm"].shape == (3, 6, 1)
 
 
+@pytest.mark.slow
 def test_toy_method_identical_at_one_and_three_ranks(toy_runs):
     if 3 not in toy_runs:
         pytest.skip("no mpiexec beside the venv's python")

@@ -27,6 +27,8 @@ import pytest
 from pfedmoap import tables
 from pfedmoap.analysis import report_table
 
+pytestmark = pytest.mark.slow          # whole federated runs in subprocesses (README: quick subset)
+
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
 PROG = f"{sys.executable} -m pfedmoap.cli"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-pytestmark = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec beside the venv's python")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec beside the venv's python")]
 
 SMALL = ["model.name=tiny-clip", "model.pretrained=", "data.dataset=synthetic", "data.n_clients=5",
          "data.n_train=300", "data.n_test=100", "data.min_size=5", "data.cache_dir=", "rounds=3",

@@ -45,6 +45,7 @@ def runs(tmp_path_factory):
     return {name: _run(tmp / name, sets) for name, sets in VARIANTS.items()}
 
 
+@pytest.mark.slow
 def test_paper_participation(runs):
     rounds, ckpt = runs["paper"]
     part, ex = rounds["participated"], rounds["experts"]
@@ -70,6 +71,7 @@ def test_paper_participation(runs):
     assert not np.isnan(rounds["accuracy"]).any()
 
 
+@pytest.mark.slow
 def test_never_trained_clients_use_the_global_prompt_not_their_initial_one(runs):
     paper, snap = runs["paper"][0], runs["snapshot"][0]
     never = ~np.cumsum(paper["participated"], 0).astype(bool)     # (R, N): not yet trained
@@ -79,12 +81,14 @@ def test_never_trained_clients_use_the_global_prompt_not_their_initial_one(runs)
     assert paper["accuracy"][r, c] != snap["accuracy"][r, c] or paper["loss"][r, c] != snap["loss"][r, c]
 
 
+@pytest.mark.slow
 def test_snapshot_gives_every_client_experts_from_the_first_upload(runs):
     rounds, _ = runs["snapshot"]
     ex = rounds["experts"]
     assert (ex[0] == -1).all() and (ex[1:] >= 0).any(2).all()
 
 
+@pytest.mark.slow
 def test_lambda_zero_runs_and_differs(runs):
     lam0, paper = runs["lam0"][0], runs["paper"][0]
     assert np.isfinite(lam0["accuracy"]).all()
@@ -92,6 +96,7 @@ def test_lambda_zero_runs_and_differs(runs):
     assert not np.array_equal(lam0["loss"], paper["loss"])
 
 
+@pytest.mark.slow
 def test_linear_gate_weights_and_shapes(runs):
     rounds, ckpt = runs["linear"]
     gw = rounds["gate_weight"]
@@ -117,6 +122,7 @@ def test_linear_gate_gradients():
     assert gate.score.weight.grad[3].abs().sum() == 0          # the unused expert slot gets no gradient
 
 
+@pytest.mark.slow
 def test_aggregated_gate_is_identical_across_clients_after_a_round(runs):
     rounds, ckpt = runs["aggregate"]
     state = ckpt["clients/state"]
@@ -131,6 +137,7 @@ def test_aggregated_gate_is_identical_across_clients_after_a_round(runs):
     np.testing.assert_array_equal(rounds["bytes_up"][1], np.full(6, P4 + 4 + 4 * G))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec beside the venv's python")
 @pytest.mark.parametrize("name", ["paper", "aggregate"])
 def test_variants_identical_at_three_ranks(runs, tmp_path, name):

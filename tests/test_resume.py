@@ -14,6 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow          # whole federated runs in subprocesses (README: quick subset)
+
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 SETS = ["model.name=tiny-clip", "model.pretrained=", "data.dataset=synthetic", "data.n_clients=4",
         "data.n_train=240", "data.n_test=80", "data.min_size=5", "data.cache_dir=", "rounds=6",

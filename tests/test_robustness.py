@@ -13,6 +13,8 @@ from pathlib import Path
 import h5py
 import pytest
 
+pytestmark = pytest.mark.slow          # whole federated runs in subprocesses (README: quick subset)
+
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 TINY = ["model.name=tiny-clip", "model.pretrained=", "data.dataset=synthetic", "data.n_clients=4",
         "data.n_train=200", "data.n_test=80", "data.min_size=5", "data.cache_dir=", "rounds=3",

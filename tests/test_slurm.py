@@ -3,10 +3,11 @@ signalled mid-way, requeues itself, resumes from its checkpoint and ends with th
 `scontrol requeue` and `scancel` (SIGTERM) each logged as what SLURM then does; the sweep refusing
 to start without an array index, and jobs/submit.sh submitting it with logs/ and the --array made.
 
-Brings SLURM up with tools/slurm_local.sh (needs root and apt-get, or slurm-wlm installed) and tears
-it down afterwards unless it was already running.  Skipped with the reason when SLURM cannot be
-installed or started; set PFEDMOAP_REQUIRE_SLURM=1 to make that a failure instead.
-Deselect with `-m "not slurm"`.
+Runs on the private SLURM of tools/slurm_local.sh and never on any other (a site's SLURM would get
+real jobs): the tests neither install nor start anything. Bring it up first (root; `.ci/run` does):
+    eval "$(tools/slurm_local.sh)"          # apt-get installs slurm-wlm if needed, starts the daemons
+Skipped with the reason when it is not up; set PFEDMOAP_REQUIRE_SLURM=1 to make that a failure
+instead. Deselect with `-m "not slurm"` (they are also `slow`).
 
 Knobs: PFEDMOAP_SLURM_TEST_CMD (the program the job scripts run; default: this venv's pfedmoap),
 PFEDMOAP_SLURM_TEST_SETS (overrides; default "rounds=4 algorithm=pfedmoap train.local_epochs=1
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "tools" / "slurm_local.sh"
@@ -67,45 +68,31 @@ def _program() -> str:
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    """Environment (dict) for sbatch/scontrol against the private SLURM."""
+    """Environment (dict) for sbatch/scontrol against the private SLURM, which must be up."""
     if not sys.platform.startswith("linux"):
         _unavailable("SLURM test needs Linux")
     _program()  # skips before touching SLURM if there is no program to run
-    have_slurm = all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged"))
-    if not have_slurm:
-        if os.geteuid() != 0:
-            _unavailable("slurm-wlm is not installed and installing it needs root")
-        if not shutil.which("apt-get"):
-            _unavailable("slurm-wlm is not installed and there is no apt-get to install it")
     state = os.environ.get("SLURM_LOCAL_DIR", "/tmp/pfedmoap-slurm")
     env = dict(os.environ, SLURM_LOCAL_DIR=state)
-    already_up = subprocess.run([str(SLURM_LOCAL), "status"], env=env, capture_output=True,
-                                timeout=60).returncode == 0
-    if not already_up and os.geteuid() != 0:
-        _unavailable("starting a private SLURM (munged, slurmctld, slurmd) needs root")
-    try:
-        up = subprocess.run([str(SLURM_LOCAL), "start"], env=env, capture_output=True, text=True,
-                            timeout=600)
-    except subprocess.TimeoutExpired:
-        subprocess.run([str(SLURM_LOCAL), "stop"], env=env, capture_output=True, timeout=120)
-        _unavailable("tools/slurm_local.sh start did not finish in 600 s")
+    if not all(shutil.which(t) for t in ("sbatch", "scontrol", "sinfo")):
+        _unavailable('no SLURM here (sbatch, scontrol or sinfo missing); bring up the private one '
+                     'with `eval "$(tools/slurm_local.sh)"` (root, apt-get), as .ci/run does')
+    up = subprocess.run([str(SLURM_LOCAL), "status"], env=env, capture_output=True, timeout=60)
     if up.returncode != 0:
-        if not already_up:
-            subprocess.run([str(SLURM_LOCAL), "stop"], env=env, capture_output=True, timeout=120)
-        _unavailable(f"SLURM could not be started: {up.stderr.strip()[-600:]}")
+        _unavailable(f"the private SLURM of tools/slurm_local.sh is not up (state in {state}); "
+                     'start it with `eval "$(tools/slurm_local.sh)"` (root), as .ci/run does')
+    conf = subprocess.run([str(SLURM_LOCAL), "conf"], env=env, capture_output=True, text=True, timeout=60)
+    m = re.search(r"export SLURM_CONF=(\S+)", conf.stdout)
+    assert m, f"no SLURM_CONF in: {conf.stdout!r}"
+    env["SLURM_CONF"] = m.group(1)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["HF_HUB_OFFLINE"] = "1"
     jobs: list[str] = []
     try:
-        m = re.search(r"export SLURM_CONF=(\S+)", up.stdout)
-        assert m, f"no SLURM_CONF in: {up.stdout!r}"
-        env["SLURM_CONF"] = m.group(1)
-        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-        env["HF_HUB_OFFLINE"] = "1"
         yield {"env": env, "jobs": jobs, "dir": tmp_path_factory.mktemp("slurm")}
-    finally:  # cancel what we submitted; stop SLURM if we started it
+    finally:  # cancel what we submitted (the daemons stay as they were)
         for j in jobs:
             subprocess.run(["scancel", j], env=env, capture_output=True, timeout=60)
-        if not already_up:
-            subprocess.run([str(SLURM_LOCAL), "stop"], env=env, capture_output=True, timeout=180)
 
 
 def _job_env(slurm, out: Path) -> dict:

@@ -69,24 +69,42 @@ def test_every_run_of_a_paper_table_is_its_method_on_the_data_set_config(package
         if spec.row.name == "CoOp":        # the overlay: 25 local epochs, no communication, all clients
             assert (cfg.rounds, cfg.train.local_epochs, cfg.train.frac) == (1, 25, 1.0)
         else:
-            assert (cfg.rounds, cfg.train.local_epochs, cfg.train.frac) == (
-                base.rounds, base.train.local_epochs, base.train.frac)
+            assert (cfg.rounds, cfg.train.local_epochs, cfg.train.frac, cfg.train.batch_size) == (
+                base.rounds, base.train.local_epochs, base.train.frac, base.train.batch_size)
+        if spec.row.name == "FedOTP":      # its authors' recipe (HongxiaLee/FedOTP's scripts)
+            f, t = cfg.options, cfg.train
+            assert (f.method, f.top_percent, f.thresh, f.max_iter) == ("cot", 0.8, 1e-3, 100)
+            assert f.eps == (0.01 if name == "fewshot" else 0.1)
+            # SGD at 0.001 throughout: every local epoch is a warm-up epoch at 0.001
+            assert t.lr == t.warmup_lr == 0.001 and t.warmup_epochs >= t.local_epochs
+            assert (t.momentum, t.weight_decay) == (0.9, 5e-4)
+        else:
+            assert cfg.train == replace(base.train, local_epochs=cfg.train.local_epochs, frac=cfg.train.frac)
 
 
 def test_ablations_sweep_one_key_of_pfedmoap(packaged):
-    swept = {"ablation_lambda": ("moe", "lam", [0.0, 0.5]),
-             "ablation_experts": ("moe", "n_experts", [2, 4, 6, 8, 10]),
-             "ablation_gating_dim": ("moe", "gating_dim", [32, 64, 128, 256, 512]),
-             "ablation_gate": ("moe", "gate", ["attention", "linear", "attention"]),
+    """The paper's grids: Fig. 4's λ from 0 to 5, Table 8's K + 1 from 5 to 30 on DomainNet (its
+    K + 1 = 20 row is Table 3's), Table 9's d up to 1024, Table 7's linear gate over 3 experts,
+    Fig. 3's shots."""
+    swept = {"ablation_lambda": ("moe", "lam", [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0]),
+             "ablation_experts": ("moe", "n_experts", [5, 10, 15, 20, 25, 30]),
+             "ablation_gating_dim": ("moe", "gating_dim", [32, 64, 128, 256, 512, 1024]),
+             "ablation_gate": ("moe", "gate", ["attention", "linear", "attention", "attention"]),
              "ablation_shots": ("data", "shots", [1, 2, 4, 8, 16])}
     for name, (section, key, values) in swept.items():
         t = packaged[name]
-        assert t.columns == packaged["fewshot"].columns
-        first = [spec.config("OUT") for spec in t.runs() if spec.column.key == "dtd" and spec.seed == 1]
+        column = "domainnet" if name == "ablation_experts" else "dtd"
+        assert t.columns == packaged[column if column == "domainnet" else "fewshot"].columns
+        first = [spec.config("OUT") for spec in t.runs() if spec.column.key == column and spec.seed == 1]
         assert {c.algorithm for c in first} == {"pfedmoap"}
         assert [getattr(c.options if section == c.section else getattr(c, section), key) for c in first] == values
-    gate = [spec.config("OUT") for spec in packaged["ablation_gate"].runs() if spec.seed == 1][:3]
-    assert [c.options.aggregate_gate for c in gate] == [False, False, True]
+    assert packaged["ablation_experts"].layout == "domains"
+    main = next(s.config("OUT") for s in packaged["domainnet"].runs() if s.row.key == "pfedmoap")
+    k20 = next(s.config("OUT") for s in packaged["ablation_experts"].runs() if s.row.key == "k20")
+    assert k20.hash() == main.hash() and k20.options.n_experts == 20       # Table 8's row = Table 3's
+    gate = [spec.config("OUT") for spec in packaged["ablation_gate"].runs() if spec.seed == 1][:4]
+    assert [c.options.aggregate_gate for c in gate] == [False, False, False, True]
+    assert [c.options.n_experts for c in gate] == [10, 3, 3, 10]
     shots = [spec.config("OUT") for spec in packaged["ablation_shots"].runs() if spec.seed == 1][:5]
     assert [c.train.batch_size for c in shots] == [1, 2, 4, 8, 16]
 
@@ -210,6 +228,8 @@ columns = [{ name = "defaults", config = "" }, { name = "file", config = "base.t
      r"tables.t.layout = 'wide': expected one of datasets, domains"),
     ('[tables.t]\nrows = [{name = "A"}]\ncolumns = [{name = "X"}]\ntitel = "x"\n', r"tables.t: unknown key 'titel'"),
     ('[tables.t]\nrows = [{name = "A"}]\ncolumns = "u"\n', r"tables.t.columns = 'u': expected the name of a table"),
+    ('[tables.t]\nrows = [{name = "A", set = ["algorithm=fedpox"]}]\ncolumns = [{name = "X"}]\n',
+     r"tables.t.rows\[0\]: algorithm = 'fedpox': expected one of .*zeroshot"),
     ('x = 1\n', r"no \[tables.NAME\] section"),
     ('[tables\n', r"is not valid TOML"),
 ])
@@ -246,6 +266,7 @@ def test_cli_table_commands_and_errors(capsys, tmp_path):
 
 # ------------------------------------------------------------------------ DP ε in the report
 
+@pytest.mark.slow
 def test_ordinary_report_shows_the_dp_epsilon_spent(tmp_path):
     from pfedmoap import store
     from pfedmoap.analysis import report_main

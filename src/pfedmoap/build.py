@@ -23,7 +23,8 @@ from .errors import PFedMoAPError
 class Build:
     def __init__(self, cfg: Config, comm):
         self.cfg, self.comm = cfg, comm
-        torch.set_num_threads(cfg.run.threads or (1 if comm.size > 1 else torch.get_num_threads()))
+        if cfg.run.threads:      # 0: leave torch's default (all cores, or OMP_NUM_THREADS)
+            torch.set_num_threads(cfg.run.threads)
         error = None
         try:
             self._inputs()

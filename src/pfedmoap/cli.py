@@ -17,7 +17,7 @@ from . import algorithms
 from .errors import PFedMoAPError, ReportedElsewhere
 
 
-log = logging.getLogger("pfedmoap.cli")     # not __name__: `python -m pfedmoap.cli` runs as __main__
+log = logging.getLogger(f"{__package__}.cli")     # not __name__: `python -m pfedmoap.cli` runs as __main__
 
 
 def _out(text: str) -> None:
@@ -66,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     v = _Parser(add_help=False)         # every command: how much the library tells on the console
     v.add_argument("-v", "--verbose", action="count", default=0, help="more messages (e.g. phase times per round)")
     v.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
-    run = sub.add_parser("run", parents=[v], help="run a configuration (no CONFIG: the embedded quick-start)")
+    methods = "\n".join(f"  {m.name:<12} {m.label}{f' [{m.section}]' if m.section else ''}: {m.summary}"
+                        for m in algorithms.manifests())
+    run = sub.add_parser("run", parents=[v], help="run a configuration (no CONFIG: the embedded quick-start)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=f"methods (--set algorithm=NAME; [section]: its options):\n{methods}")
     run.add_argument("config", nargs="?", help="TOML file")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set data.beta=0.1 --set algorithm=NAME (NAME: "
@@ -355,7 +359,7 @@ def _stdout_closed() -> None:
 def _console(verbosity: int) -> None:
     """The library logs to module loggers under `pfedmoap`; the console shows INFO (the per-round
     lines), DEBUG with -v, WARNING and above with -q. Other libraries' loggers are left as they are."""
-    log = logging.getLogger("pfedmoap")
+    log = logging.getLogger(__package__)           # the library's loggers are its modules' names
     if not any(isinstance(h, _Console) for h in log.handlers):    # main() may run several times in a process
         log.addHandler(_Console())
         log.propagate = False

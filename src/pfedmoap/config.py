@@ -124,15 +124,15 @@ class DPConfig:
 
 @dataclass
 class RunConfig:
-    threads: int = 0              # torch threads per rank; 0 = 1 with several ranks, else all cores
+    threads: int = 1              # torch threads per rank (1: one process = N ranks bit for bit); 0 = all cores
     checkpoint_every: int = 5      # rounds between checkpoints; also at the end and on a signal
     progress: bool = True         # a progress bar on a terminal (one process); lines per round otherwise
     truncate_eos: bool = True     # exact fast path: cut the text sequence after the last EOS
     shared_prefix: bool = True    # exact fast path: encode [SOS]+ctx once for every class
     # Evaluation schedule: every eval_every-th round evaluates `eval_clients` ("all" clients, or only
     # the round's "participants"); the other rounds evaluate nobody; the last round evaluates every
-    # client. Not evaluated: NaN in results.h5 (/rounds/evaluated says who was). A schedule other than
-    # the default is part of the run's identity (run_hash): it can change what some methods train.
+    # client. Not evaluated: NaN in results.h5 (/rounds/evaluated says who was). It never changes what is
+    # trained; a schedule other than the default is part of the run's identity (run_hash).
     eval_every: int = 1
     eval_clients: str = "all"     # all | participants
 
@@ -195,9 +195,11 @@ def _with_schedule(config_hash: str, run: RunConfig) -> str:
 
 def run_hash(cfg: Config) -> str:
     """The run's identity (checkpoints, results.h5 `config_hash`): Config.hash, which leaves out [run],
-    plus a non-default evaluation schedule. Skipping a client's evaluation can change what it trains
-    from next (a method may update a client's state from its evaluation downloads), so a checkpoint
-    of another schedule is refused on resume; the default schedule keeps the plain hash."""
+    plus a non-default evaluation schedule. The schedule changes no training (no method's training
+    depends on its evaluation: tests/test_eval_invariance.py), but it decides which rounds results.h5
+    holds evaluated and so what `report` computes from them (acc last 5 on the rounds that evaluated
+    every client); so a run is resumed only under the schedule that wrote it, and the identities of
+    runs already written stay valid. The default schedule keeps the plain hash."""
     return _with_schedule(cfg.hash(), cfg.run)
 
 
@@ -515,7 +517,7 @@ def validate(cfg: Config) -> None:
           f"below {FLOAT32_MAX:.3g} (the largest float32) or every upload is infinite")
     _need(cfg.model.device in ("cpu", "cuda", "auto"), f"model.device = {cfg.model.device!r}: expected cpu, cuda or auto")
     _need(cfg.model.precision in ("fp32", "bf16", "fp16"), f"model.precision = {cfg.model.precision!r}: expected fp32, bf16 or fp16")
-    _need(cfg.run.threads >= 0, f"run.threads = {cfg.run.threads}: expected >= 0 (0 = automatic)")
+    _need(cfg.run.threads >= 0, f"run.threads = {cfg.run.threads}: expected >= 0 (0 = all cores)")
     _need(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every = {cfg.run.checkpoint_every}: expected >= 0 (0 = only at the end)")
     _need(1 <= cfg.run.eval_every <= MAX_ROUNDS,
           f"run.eval_every = {cfg.run.eval_every}: expected 1 to {MAX_ROUNDS} (rounds between evaluations; "

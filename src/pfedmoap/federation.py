@@ -2,8 +2,9 @@
 that hosts them. With one process rank 0 hosts every client and the same code runs.
 
 It knows no method: each round it asks the method's server part for the participants and the
-downloads, moves the declared arrays (exchange.Transport), lets the client part train and evaluate
-each hosted client, counts bytes, times phases and writes results and checkpoints (store).
+downloads, moves the declared arrays (exchange.Transport), hands the client part its hosted clients
+a block at a time to train and evaluate (ClientPart.blocks, fit_block, evaluate_block), counts
+bytes, times phases and writes results and checkpoints (store).
 """
 from __future__ import annotations
 
@@ -204,10 +205,13 @@ class Federation:
         bar = self._progress_bar(r, len(hosted_part) + len(hosted_eval))
         t = time.perf_counter()
         uploads = {}
-        for c in hosted_part.tolist():
-            bar.update()
-            uploads[c] = self.client.fit(self.states[c], self.build.data[c], r, c, down[c])
-            _check_finite(r, c, uploads[c], "upload")
+        for block in self.client.blocks(hosted_part.tolist()):
+            ups = self.client.fit_block([self.states[c] for c in block], [self.build.data[c] for c in block], r,
+                                        block, [down[c] for c in block])
+            for c, up in zip(block, ups, strict=True):
+                _check_finite(r, c, up, "upload")
+                uploads[c] = up
+            bar.update(len(block))
         phase["train"] += time.perf_counter() - t
 
         # up: one Gatherv per declared array; the server turns them into its next state
@@ -225,21 +229,24 @@ class Federation:
         width = 3 + n_dom + sum(int(np.prod(lg.shape)) for lg in client_logs)
         metrics = np.full((len(self.mine), width), np.nan, np.float32)
         t = time.perf_counter()
-        for i in hosted_eval.tolist():
-            bar.update()
-            c = int(self.mine[i])
-            res = self.client.evaluate(self.states[c], self.build.data[c], r, c, {**down[c], **eval_down[c]})
-            if len(self.build.data[c].test_y):
-                _check_finite(r, c, {"test loss": res.loss}, "evaluation")
-            metrics[i, :3] = res.accuracy, res.macro_f1, res.loss
-            metrics[i, 3:3 + n_dom] = self.build.domain_accuracy(c, res.correct)
-            at = 3 + n_dom
-            for lg in client_logs:
-                size = int(np.prod(lg.shape))
-                value = np.asarray(res.logs.get(lg.name, []), np.float32).reshape(-1)
-                metrics[i, at:at + size] = lg.fill
-                metrics[i, at:at + len(value)] = value
-                at += size
+        row = {int(self.mine[i]): i for i in hosted_eval.tolist()}      # client id -> its metrics row
+        for block in self.client.blocks(list(row)):
+            results = self.client.evaluate_block([self.states[c] for c in block], [self.build.data[c] for c in block],
+                                                 r, block, [{**down[c], **eval_down[c]} for c in block])
+            for c, res in zip(block, results, strict=True):
+                if len(self.build.data[c].test_y):
+                    _check_finite(r, c, {"test loss": res.loss}, "evaluation")
+                i = row[c]
+                metrics[i, :3] = res.accuracy, res.macro_f1, res.loss
+                metrics[i, 3:3 + n_dom] = self.build.domain_accuracy(c, res.correct)
+                at = 3 + n_dom
+                for lg in client_logs:
+                    size = int(np.prod(lg.shape))
+                    value = np.asarray(res.logs.get(lg.name, []), np.float32).reshape(-1)
+                    metrics[i, at:at + size] = lg.fill
+                    metrics[i, at:at + len(value)] = value
+                    at += size
+            bar.update(len(block))
         phase["eval"] += time.perf_counter() - t
         bar.close()
 

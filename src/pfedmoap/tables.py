@@ -23,7 +23,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import config, configs
+from . import algorithms, config, configs
 from .errors import PFedMoAPError
 
 TABLES_FILE = configs.ROOT / "paper" / "tables" / "tables.toml"
@@ -187,7 +187,10 @@ def _entries(value, where: str, allowed: set, base: Path, kind: str) -> list[dic
                 entry[k] = _strings(entry[k], f"{here}.{k}")
                 if k == "set":
                     for item in entry[k]:
-                        _key_value(item, f"{here}")
+                        key_, value = _key_value(item, f"{here}")
+                        if key_ == "algorithm" and value not in algorithms.names():   # before any run is built
+                            raise PFedMoAPError(f"{here}: algorithm = {value!r}: expected one of "
+                                                f"{', '.join(algorithms.names())}")
         if "with" in entry:
             entry["with"] = tuple(_path_beside(v, base) for v in entry["with"])
         if "config" in entry:

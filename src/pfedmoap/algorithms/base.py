@@ -23,7 +23,6 @@ what they mean. Nothing here knows about ranks.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import dp, rng
-from ..errors import PFedMoAPError
 from ..exchange import Array, Broadcast, PerClient
+from . import training
+from .training import Group, Recipe
 
 
 # ---------------------------------------------------------------------------- declarations
@@ -80,7 +80,7 @@ class ClientData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     train_views: torch.Tensor | None = None   # (V, n, D) augmented views; a random one per image per epoch
-    train_dense: torch.Tensor | None = None   # (n, M, D) float16, L2-normalised patch features (image_features = "dense")
+    train_dense: torch.Tensor | None = None   # (n, M, D) float16, L2-normalised patch features (DataNeeds.dense)
     test_dense: torch.Tensor | None = None    # (n_test, M, D) likewise
     # data.augment = "fresh": (round, local epoch) -> (n, D), a new view of every image, precomputed
     # outside the training step (data/features.py FreshViews)
@@ -227,6 +227,25 @@ class ClientPart:
         text = self.own_text(state, cid).unsqueeze(0)
         return self.score(data, lambda x: (self.logit_scale * x @ text[0].t(), None))
 
+    # -------------------------------------------------------------- blocks of clients
+    # The round loop hands the client part its hosted clients a block at a time. The defaults train
+    # and evaluate them one by one; a method that trains a block in one batched computation
+    # overrides `blocks` and `fit_block`/`evaluate_block`. To keep results independent of the
+    # number of ranks, its blocks must depend on the client ids only, not on which rank hosts them.
+    def blocks(self, cids: list[int]) -> list[list[int]]:
+        """This rank's clients of a phase (ascending ids), grouped into the blocks the loop hands over."""
+        return [[c] for c in cids]
+
+    def fit_block(self, states: list, datas: list[ClientData], round_: int, cids: list[int],
+                  downs: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """`fit` for each client of the block; the uploads, in block order."""
+        return [self.fit(s, d, round_, c, dn) for s, d, c, dn in zip(states, datas, cids, downs)]
+
+    def evaluate_block(self, states: list, datas: list[ClientData], round_: int, cids: list[int],
+                       downs: list[dict[str, np.ndarray]]) -> list[EvalResult]:
+        """`evaluate` for each client of the block; the results, in block order."""
+        return [self.evaluate(s, d, round_, c, dn) for s, d, c, dn in zip(states, datas, cids, downs)]
+
     # -------------------------------------------------------------- shared machinery
     def prompt(self, row: np.ndarray) -> torch.Tensor:
         """A downloaded prompt row as a (n_ctx, W) tensor."""
@@ -244,55 +263,41 @@ class ClientPart:
                 self._text[cid] = self.encoder(state.ctx)
         return self._text[cid]
 
-    def lr_at(self, epoch: int) -> float:
-        """Constant warm-up, then cosine over the round's local epochs (CoOp's schedule)."""
+    def recipe(self) -> Recipe:
+        """How the prompt is optimised: CoOp's recipe from [train] (a method may set its own)."""
+        return Recipe.from_train(self.cfg.train)
+
+    def after_backward(self, groups) -> None:
+        """Called every training step between backward and the optimiser steps, with the trained
+        groups (their gradients set): the place for per-step gradient processing. Default: nothing."""
+
+    def local_train(self, groups: list[Group], loss, data: ClientData, round_: int, cid: int, *,
+                    purpose: str = "batches", epochs: int | None = None, inputs=None, penalty=None) -> float:
+        """training.train for one client: its batches drawn by (seed, `purpose`, round, client) from
+        `inputs(epoch, gen)` (default: its training features, augmented as data.augment says),
+        `epochs` local epochs (default train.local_epochs). Returns the mean loss."""
         t = self.cfg.train
-        if epoch < t.warmup_epochs:
-            return t.warmup_lr
-        return 0.5 * t.lr * (1 + math.cos(math.pi * (epoch - t.warmup_epochs) / t.local_epochs))
+        gen = rng.torch_generator(self.cfg.seed, purpose, round_, cid)
+        inputs = inputs or (lambda epoch, g: data.train_features(round_, epoch, g))
+        return training.train(groups, loss, training.Batches(data.train_y, inputs, t.batch_size, gen),
+                              epochs or t.local_epochs, penalty=penalty, after_backward=self.after_backward,
+                              where=f"round {round_ + 1}, client {cid}")
 
     def train_prompt(self, state, data: ClientData, round_: int, cid: int, *, logits=None, penalty=None,
-                     others: tuple[torch.optim.Optimizer, ...] = ()) -> float:
-        """CoOp's local training of `state.ctx`: SGD with the warm-up + cosine schedule, batches
-        drawn by (seed, round, client). logits(ctx_text (C, D), x) -> (B, C) logits (default: CLIP's);
-        penalty(ctx) adds to the loss; `others` are optimisers stepped with the prompt's.
+                     others: tuple[Group, ...] = (), purpose: str = "batches", epochs: int | None = None) -> float:
+        """CoOp's local training of `state.ctx` (local_train with the prompt's recipe and
+        cross-entropy). logits(ctx_text (C, D), x) -> (B, C) logits (default: CLIP's); penalty(ctx)
+        adds to the loss; `others` are groups trained with the prompt (stepped after it).
         Returns the mean loss (NaN for a client without training images)."""
-        t = self.cfg.train
         self._text.pop(cid, None)           # its prompt changes
-        if len(data.train_y) == 0:          # a client with no training images keeps its state
-            return float("nan")
         logits = logits or (lambda text, x: self.logit_scale * x @ text.t())
         ctx = state.ctx.clone().requires_grad_(True)
-        opt = torch.optim.SGD([ctx], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        gen = rng.torch_generator(self.cfg.seed, "batches", round_, cid)
-        n = len(data.train_y)
-        bs = min(t.batch_size, n)
-        losses = []
-        for epoch in range(t.local_epochs):
-            for g in opt.param_groups:
-                g["lr"] = self.lr_at(epoch)
-            perm = torch.randperm(n, generator=gen)
-            x_all = data.train_features(round_, epoch, gen)
-            for start in range(0, n - bs + 1, bs):        # drop the last partial batch, as CoOp does
-                idx = perm[start:start + bs]
-                loss = F.cross_entropy(logits(self.encoder(ctx), x_all[idx]), data.train_y[idx])
-                if penalty is not None:
-                    loss = loss + penalty(ctx)
-                if not torch.isfinite(loss):
-                    raise PFedMoAPError(f"round {round_ + 1}, client {cid}: training loss is {float(loss.detach())} "
-                                        f"in local epoch {epoch + 1} (diverged? lower train.lr, check "
-                                        f"dp.noise_multiplier and moe.lam); the run stops, its last "
-                                        f"checkpoint is the last good state")
-                opt.zero_grad(set_to_none=True)
-                for o in others:
-                    o.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                for o in others:
-                    o.step()
-                losses.append(float(loss.detach()))
+        loss = self.local_train([Group([ctx], self.recipe()), *others],
+                                lambda x, y: F.cross_entropy(logits(self.encoder(ctx), x), y),
+                                data, round_, cid, purpose=purpose, epochs=epochs,
+                                penalty=None if penalty is None else (lambda: penalty(ctx)))
         state.ctx = ctx.detach()
-        return float(np.mean(losses)) if losses else float("nan")
+        return loss
 
     @torch.no_grad()
     def score(self, data: ClientData, logits_fn, weights_sum: bool = False) -> EvalResult:

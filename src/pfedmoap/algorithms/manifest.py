@@ -26,7 +26,8 @@ class DataNeeds:
     """The image features a method's clients get (data/features.py computes them; build.py reads this).
 
     Every method gets the pooled features (ClientData.train_x / test_x, one vector per image)."""
-    dense: bool = False     # also the patch features (ClientData.train_dense / test_dense, (n, M, D)); no augmented views
+    # also the patch features (ClientData.train_dense / test_dense, (n, M, D)); then no augmented views
+    dense: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class Manifest:
         """What the method's needs require of the shared sections (config.validate calls it)."""
         d = cfg.data
         if self.data.dense and d.augment_mode != "none":
-            what = f"data.augment_views = {d.augment_views}" if d.augment_mode == "views" else f"data.augment = {d.augment!r}"
+            what = (f"data.augment_views = {d.augment_views}" if d.augment_mode == "views"
+                    else f"data.augment = {d.augment!r}")
             raise PFedMoAPError(f"{what}: algorithm = {self.name!r} uses dense (patch) image features, which "
                                 f"are not computed for augmented views; set data.augment = 'none' and "
                                 f"data.augment_views = 0")

@@ -130,17 +130,16 @@ def write(path: Path, feats: np.ndarray) -> None:
 
 # ---------------------------------------------------------------------------- dense (patch) features
 #
-# For methods that declare `image_features = "dense"` (FedOTP): one pass of the visual tower gives
-# the pooled feature (B, D) and M dense features (B, M, D) (`pfedmoap.clip.dense`; ModifiedResNet
-# towers in the FedOTP reference's "attention" reading). Both are L2-normalised; the dense ones
-# are then rounded to float16, in memory as in the HDF5 cache, so a run reads the same numbers
-# whether its features came from the cache or were just computed (half the memory, and the
-# cosine similarities OT needs lose ~1e-3 relative). The pooled feature stays float32.
-#
-# Cache file (data.cache_dir/features-<key>.h5, key with kind="dense"): datasets "features"
-# (n, D) float32 and "dense" (n, M, D) float16, chunked by DENSE_ROWS images; written image chunk
-# by image chunk (memory bounded by one chunk), read back a block at a time for the rows a rank
-# needs (no rank holds the whole split's dense features).
+# For methods whose manifest needs dense features (`DataNeeds(dense=True)`: FedOTP): one pass of the
+# visual tower gives the pooled feature (B, D) and M dense features (B, M, D)
+# (`pfedmoap.clip.dense`; ModifiedResNet towers in the FedOTP reference's "attention" reading). Both
+# are L2-normalised; the dense ones are then rounded to float16, in memory as in the HDF5 cache, so
+# a run reads the same numbers whether its features came from the cache or were just computed (half
+# the memory, and the cosine similarities OT needs lose ~1e-3 relative). The pooled feature stays
+# float32.  Cache file (data.cache_dir/features-<key>.h5, key with kind="dense"): datasets
+# "features" (n, D) float32 and "dense" (n, M, D) float16, chunked by DENSE_ROWS images; written
+# image chunk by image chunk (memory bounded by one chunk), read back a block at a time for the rows
+# a rank needs (no rank holds the whole split's dense features).
 
 DENSE_FORMAT = "dense-v1:l2-normalised:float16:resnet=attention"
 DENSE_DTYPE = np.float16

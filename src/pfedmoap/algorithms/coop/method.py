@@ -1,12 +1,10 @@
 """CoOp-based baselines: `local` (no communication), `promptfl` (FedAvg of the prompt), `fedprox`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ...errors import PFedMoAPError
 from ...exchange import Array, Broadcast
 from ..base import Arrays, ClientPart, Method, ServerPart, fedavg
 

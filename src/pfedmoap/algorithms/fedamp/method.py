@@ -33,11 +33,9 @@ Bytes: one prompt row (4 P) down per participant (from round 2), one (4 P) up.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import PFedMoAPError
 from ...exchange import Array, PerClient
 from ..base import Arrays, ClientPart, Method, ServerPart
 

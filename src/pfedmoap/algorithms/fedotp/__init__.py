@@ -39,4 +39,5 @@ class FedOTPOptions:
 
 register(Manifest("fedotp", "pfedmoap.algorithms.fedotp.method:FedOTP", label="FedOTP", order=80, quickstart=True,
                   section="fedotp", options=FedOTPOptions, data=DataNeeds(dense=True),
-                  summary="a global and a local prompt per client, matched to the image's patches by optimal transport"))
+                  summary="a global and a local prompt per client, matched to the image's patches by "
+                          "optimal transport"))

@@ -15,8 +15,10 @@ As the reference (federated_main.py, model "FedOTP"):
 * Only the global prompt travels: downloaded by the participants, uploaded with the sample count
   (FedAvg weights), so a participant uploads 4 (P + 1) bytes.
 * Evaluation, every client every round: the new global prompt (the FedAvg just computed, sent to
-  every client) with the client's own local prompt as it last trained it. The client also keeps
-  that global prompt as its own (the reference's `local_weights_per`).
+  every client) with the client's own local prompt as it last trained it. The reference's client
+  also keeps that global prompt as its own (`local_weights_per`); here it takes it when it next
+  trains (the download before training), which is what the reference's next training starts from,
+  so that evaluation changes no client state (issue 21).
 
 Differences: the OT plan is solved in the log domain with a per-problem stop by default (see
 `pfedmoap.ot`); the reference's optimiser state is shared across clients by its single trainer
@@ -31,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from ... import rng
-from ...errors import PFedMoAPError
 from ...ot import OTOptions, ot_logits
 from ..base import ClientPart, Method, PromptState
 from ..coop.method import PromptFLServer, prompt_exchange
+from ..training import Group
 
 
 def ot_options(o) -> OTOptions:
@@ -100,40 +102,26 @@ class Client(ClientPart):
         return {"prompt": self.upload_prompt(state.ctx, round_, cid), "n_samples": [len(data.train_y)]}
 
     def train_pair(self, state: State, data, round_: int, cid: int) -> float:
-        """CoOp's local training (ClientPart.train_prompt's schedule, batches and SGD) of the
-        (global, local) pair on the OT logits. Returns the mean loss (NaN without training images)."""
-        t = self.cfg.train
+        """CoOp's local training (local_train with the prompt's recipe) of the (global, local) pair,
+        one (2, n_ctx, W) tensor, on the OT logits of the patch features. Returns the mean loss
+        (NaN without training images)."""
         self._local.pop(cid, None)          # its local prompt changes
-        n = len(data.train_y)
-        if n == 0:
+        if len(data.train_y) == 0:
             return float("nan")
         if data.train_dense is None:
             raise RuntimeError("fedotp needs dense image features (its manifest's DataNeeds(dense=True))")
         pair = torch.stack([state.ctx, state.local]).clone().requires_grad_(True)
-        opt = torch.optim.SGD([pair], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        gen = rng.torch_generator(self.cfg.seed, "batches", round_, cid)
-        bs = min(t.batch_size, n)
-        losses = []
-        for epoch in range(t.local_epochs):
-            for g in opt.param_groups:
-                g["lr"] = self.lr_at(epoch)
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n - bs + 1, bs):        # the last partial batch dropped, as CoOp
-                idx = perm[start:start + bs]
-                loss = F.cross_entropy(self.logits(self._texts(pair), data.train_dense[idx]), data.train_y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
+        loss = self.local_train([Group([pair], self.recipe())],
+                                lambda x, y: F.cross_entropy(self.logits(self._texts(pair), x), y),
+                                data, round_, cid, inputs=lambda epoch, gen: data.train_dense)
         state.ctx, state.local = pair[0].detach().clone(), pair[1].detach().clone()
-        return float(np.mean(losses)) if losses else float("nan")
+        return loss
 
     def evaluate(self, state: State, data, round_, cid, down):
         g = down["global_prompt"]
         if self._global is None or self._global[0] != round_:        # once per rank and round
             with torch.no_grad():
                 self._global = (round_, self.encoder(self.prompt(g)))
-        state.ctx = self.prompt(g)          # the client keeps the new global prompt (reference)
         if cid not in self._local:
             with torch.no_grad():
                 self._local[cid] = self.encoder(state.local)

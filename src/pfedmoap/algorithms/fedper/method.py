@@ -6,18 +6,19 @@ Split: of the prompt's n_ctx context vectors the first n_ctx - n_personal are sh
 `fedper.n_personal` (-1 = n_ctx // 2) are personal, as FedPer shares the base layers and keeps the
 head.
 
-A round: participants train their whole prompt (shared part as last downloaded, their own personal
-part) and upload the shared rows only; the server FedAvgs them (sample-count weights) and sends the
-new shared part to every client, which replaces its shared rows with it and keeps its personal
-rows; every client is then evaluated with its own full prompt. Thus after every round all clients
-hold the same shared part, and a client's personal part is what it last trained (the initial one
-until it first trains). No download before training: the evaluation download of the previous round
-already put the newest shared part in every client's prompt. Bytes: 4 * (n_ctx - n_personal) * W
-down per client and round, the same plus 4 (the sample count) up per participant.
+A round: each participant receives the current shared part (from round 2 on), puts it in its
+prompt's shared rows and trains its whole prompt (shared part as downloaded, its own personal part),
+then uploads the shared rows only; the server FedAvgs them (sample-count weights) and sends the new
+shared part to every client evaluated, which is evaluated with it and its own personal rows. Thus a
+client trains from the newest shared part and a client's personal part is what it last trained (the
+initial one until it first trains). Evaluation changes no client state: the shared part reaches a
+client's state only through the download before training (a client not evaluated in a round trains
+next exactly as one that was; issue 21). Bytes: 4 * (n_ctx - n_personal) * W down per participant
+(before training) and per evaluated client (before evaluation), the same plus 4 (the sample count)
+up per participant, as PromptFL's global prompt.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,11 +29,19 @@ from ..base import Arrays, ClientPart, Method, ServerPart, fedavg
 
 
 class Server(ServerPart):
-    """Keeps the shared part's FedAvg and sends it to every client after each round."""
+    """Keeps the shared part's FedAvg; sends it to the participants before training and to the
+    evaluated clients before evaluation."""
 
     def __init__(self, method):
         super().__init__(method)
         self.shared: np.ndarray | None = None
+
+    def configure_fit(self, round_, participants):
+        if self.shared is None:
+            return {}
+        to = np.zeros(self.n_clients, bool)
+        to[participants] = True
+        return {"global_shared": Broadcast(self.shared, to)}
 
     def aggregate_fit(self, round_, participants, uploads):
         self.shared = fedavg(uploads["shared"], uploads["n_samples"][:, 0])
@@ -49,20 +58,25 @@ class Server(ServerPart):
 
 
 class Client(ClientPart):
-    """Trains its whole prompt, uploads the shared rows, adopts the downloaded shared rows."""
+    """Adopts the downloaded shared rows, trains its whole prompt, uploads the shared rows; is
+    evaluated with the newest shared rows and its personal ones (its state untouched)."""
+
+    def with_shared(self, ctx: torch.Tensor, row) -> torch.Tensor:
+        """`ctx` with its shared (first n_shared) rows replaced by the downloaded `row`."""
+        k, W = self.method.n_shared, self.ctx_shape[1]
+        return torch.cat([torch.from_numpy(np.array(row, np.float32)).reshape(k, W), ctx[k:]])
 
     def fit(self, state, data, round_, cid, down):
+        if "global_shared" in down:
+            state.ctx = self.with_shared(state.ctx, down["global_shared"])
         self.train_prompt(state, data, round_, cid)
         k = self.method.n_shared
         return {"shared": self.upload_prompt(state.ctx[:k], round_, cid), "n_samples": [len(data.train_y)]}
 
     def evaluate(self, state, data, round_, cid, down):
-        if "global_shared" in down:
-            k, W = self.method.n_shared, self.ctx_shape[1]
-            shared = torch.from_numpy(np.array(down["global_shared"], np.float32)).reshape(k, W)
-            state.ctx = torch.cat([shared, state.ctx[k:]])
-            self._text.pop(cid, None)
-        return super().evaluate(state, data, round_, cid, down)
+        with torch.no_grad():
+            text = self.encoder(self.with_shared(state.ctx, down["global_shared"]))
+        return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
 
 
 class FedPer(Method):
@@ -81,5 +95,5 @@ class FedPer(Method):
 
     def arrays(self) -> Arrays:
         S = self.n_shared * self.setup.ctx_shape[1]
-        return Arrays(up=(Array("shared", S), Array("n_samples", 1)),
-                      eval_down=(Array("global_shared", S, broadcast=True),))
+        shared = Array("global_shared", S, broadcast=True)
+        return Arrays(fit_down=(shared,), up=(Array("shared", S), Array("n_samples", 1)), eval_down=(shared,))

@@ -49,4 +49,5 @@ FIGURES = (Figure("experts", "how many rounds client j was one of client i's exp
 
 register(Manifest("pfedmoap", "pfedmoap.algorithms.pfedmoap.method:PFedMoAP", label="pFedMoAP", order=90,
                   quickstart=True, section="moe", options=MoEOptions, default=True, figures=FIGURES,
-                  summary="the local prompt plus K-1 non-local experts from the pool, mixed by a client-side gating network"))
+                  summary="the local prompt plus K-1 non-local experts from the pool, mixed by a client-side "
+                          "gating network"))

@@ -7,8 +7,9 @@ Client: its prompt, its gating network and the gating network's optimiser, which
 (unless the `moe.aggregate_gate` ablation FedAvgs the gating networks like the prompt).
 
 Participation (`moe.participation`), see docs/differences.md:
-- "paper" (default, the paper's §3 and the reference loop): a first-time participant (no entry
-  in the pool) trains the global prompt without experts and uploads it; a returning participant
+- "paper" (default: the paper's §3, and what the reference loop is written to do; its code does
+  otherwise in places, docs/differences.md): a first-time participant (no entry in the pool)
+  trains the global prompt without experts and uploads it; a returning participant
   trains with experts routed on the pool as it stood at the start of the round; after the round's
   uploads, a non-participant whose gating network has trained is evaluated with experts routed
   on the updated pool, one whose gate never trained with its prompt alone, and a client that never
@@ -26,9 +27,9 @@ import torch
 
 from ... import rng, router
 from ...clip.gating import GatingNetwork, LinearGate, moe_logits
-from ...errors import PFedMoAPError
 from ...exchange import Array, Broadcast, PerClient
 from ..base import Arrays, ClientPart, Log, Method, PromptState, ServerPart, fedavg
+from ..training import Group, Recipe
 
 
 def _mask(n: int, ids) -> np.ndarray:
@@ -143,7 +144,7 @@ class Client(ClientPart):
 
     def init_state(self, cid: int) -> State:
         ctx = super().init_state(cid).ctx
-        m, t = self.m, self.cfg.train
+        m = self.m
         # shared: one init for every client, as the reference's single model gives them
         key = rng.key(self.cfg.seed, "gating-init", 0, cid if m.gating_init == "per_client" else 0)
         with torch.random.fork_rng(devices=[]):
@@ -154,12 +155,16 @@ class Client(ClientPart):
                 gating = GatingNetwork(self.backbone.embed_dim, m.gating_dim, m.gating_heads, m.scaling)
             gating = gating.to(self.backbone.device)
         # The gating optimiser belongs to the client and persists across rounds.
-        opt = torch.optim.SGD(gating.parameters(), lr=m.gating_lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        opt = self.gating_recipe().sgd(gating.parameters())
         for p in gating.parameters():
             # A zero buffer is what SGD's first step (dampening 0) would create: explicit, so the
             # state has a fixed shape for checkpoints.
             opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
         return State(ctx=ctx, gating=gating, gating_opt=opt)
+
+    def gating_recipe(self) -> Recipe:
+        """The gating network's: SGD at the constant `moe.gating_lr`, [train]'s momentum and weight decay."""
+        return Recipe.from_train(self.cfg.train, lr=self.m.gating_lr, schedule="constant")
 
     def state_tensors(self, state: State) -> list[torch.Tensor]:
         params = list(state.gating.parameters())
@@ -202,7 +207,8 @@ class Client(ClientPart):
         if "global_gating" in down:
             self.load_gating(state, down["global_gating"])
         lam = self.m.lam
-        self.train_prompt(state, data, round_, cid, others=(state.gating_opt,),
+        gate = Group(list(state.gating.parameters()), self.gating_recipe(), state.gating_opt)
+        self.train_prompt(state, data, round_, cid, others=(gate,),
                           logits=lambda own, x: moe_logits(state.gating, x, self._mixture(own, cid),
                                                            self.logit_scale, lam)[0])
         up = {"prompt": self.upload_prompt(state.ctx, round_, cid), "n_samples": [len(data.train_y)]}

@@ -20,14 +20,9 @@ Cost: N clients x `epochs` epochs of extra local training per round, on top of P
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
-from ... import rng
-from ...errors import PFedMoAPError
+from ..base import PromptState
 from ..coop.method import PromptFL, PromptFLClient
 
 
@@ -38,33 +33,13 @@ class Client(PromptFLClient):
         return self.options.epochs or self.cfg.train.local_epochs
 
     def finetune(self, global_ctx: torch.Tensor, data, round_: int, cid: int) -> torch.Tensor:
-        """A fine-tuned copy of `global_ctx` (n_ctx, W): SGD on the client's training images with
-        the training's hyper-parameters, warm-up then cosine over `epochs()` epochs, the last
-        partial batch dropped; batches (and augmented views) drawn by (seed, "finetune", round, client).
-        A client without training images gets the global prompt back."""
-        t, E = self.cfg.train, self.epochs()
-        n = len(data.train_y)
-        if n == 0:
-            return global_ctx.clone()
-        ctx = global_ctx.clone().requires_grad_(True)
-        opt = torch.optim.SGD([ctx], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        gen = rng.torch_generator(self.cfg.seed, "finetune", round_, cid)
-        bs = min(t.batch_size, n)
-        for epoch in range(E):
-            lr = t.warmup_lr if epoch < t.warmup_epochs else \
-                0.5 * t.lr * (1 + math.cos(math.pi * (epoch - t.warmup_epochs) / E))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            perm = torch.randperm(n, generator=gen)
-            x_all = data.train_features(round_, epoch, gen)    # clean, a cached view, or a fresh view
-            for start in range(0, n - bs + 1, bs):
-                idx = perm[start:start + bs]
-                logits = self.logit_scale * x_all[idx] @ self.encoder(ctx).t()
-                loss = F.cross_entropy(logits, data.train_y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        return ctx.detach()
+        """A fine-tuned copy of `global_ctx` (n_ctx, W): CoOp's local training (train_prompt: the
+        training's recipe, warm-up then cosine over `epochs()` epochs) with batches (and augmented
+        views) drawn by (seed, "finetune", round, client). A client without training images gets
+        the global prompt back."""
+        copy = PromptState(ctx=global_ctx.clone())
+        self.train_prompt(copy, data, round_, cid, purpose="finetune", epochs=self.epochs())
+        return copy.ctx
 
     def evaluate(self, state, data, round_, cid, down):
         ctx = self.finetune(self.prompt(down["global_prompt"]), data, round_, cid)
