@@ -6,7 +6,8 @@ The recording was made on one CPU; the suite meets others, whose SIMD kernels su
 another order (issue 19). So a replay is compared as `exchange_cases.compare` says: integers, masks
 and bytes exactly, loss and accuracy within tolerances stated (with their reasons) there, knn
 expert ids exactly except where the recorded distances tie within float32 rounding. One process and
-three ranks on the same machine must agree bit for bit."""
+three ranks on the same machine must agree bit for bit. What issue 21 stopped sending is taken
+off the recording explicitly (`as_sent_since_issue_21`)."""
 from __future__ import annotations
 
 import os
@@ -22,6 +23,30 @@ sys.path.insert(0, str(HERE / "fixtures"))
 import exchange_cases  # noqa: E402
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+
+# Issue 21 changed what travels, on purpose; the recording is adjusted for it exactly
+# (`as_sent_since_issue_21`) before the replay is compared with it:
+# - pFedMoAP's experts go to the clients without their ids (int32, one per expert slot, sent to
+#   every routed client: in the pinned "snapshot" participation every client, every round);
+# - under DP the sample count (one int32 per participant) is no longer uploaded, and FedAvg weighs
+#   the noised uploads equally, which changes these cases' science by design: their accuracy, loss
+#   and experts are not compared with the recording (tests/test_dp_*.py check DP runs; the
+#   1-vs-3-ranks test below still compares every array of them).
+DP_CASES = ("pp-pfedmoap-dp", "pp-promptfl-dp")
+
+
+def as_sent_since_issue_21(recorded: dict) -> dict:
+    out = dict(recorded)
+    for case in exchange_cases.CASES:
+        ex = recorded.get(f"{case}/experts")
+        if ex is not None and ex.shape[-1]:
+            out[f"{case}/bytes_down"] = recorded[f"{case}/bytes_down"] - 4 * ex.shape[-1]
+        if case in DP_CASES:
+            up = recorded[f"{case}/bytes_up"]
+            out[f"{case}/bytes_up"] = up - 4 * recorded[f"{case}/participated"].astype(up.dtype)
+            for f in ("accuracy", "loss", "experts", "knn_distance", "knn_unit"):
+                out.pop(f"{case}/{f}", None)
+    return out
 
 
 def _recording() -> dict:
@@ -51,9 +76,9 @@ def replay(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [0, 3])        # 0: plain python, no mpiexec
 def test_exchange_matches_the_recording(replay, ranks):
-    problems, checked = exchange_cases.compare(_recording(), replay(ranks))
+    problems, checked = exchange_cases.compare(as_sent_since_issue_21(_recording()), replay(ranks))
     assert not problems, "\n".join(problems)
-    assert checked == 70                     # every case ran and was compared
+    assert checked == 70 - 5                 # every case ran and was compared (less the DP cases' science)
 
 
 @pytest.mark.slow
@@ -107,25 +132,28 @@ def test_integers_and_masks_must_be_exact(field):
     assert _check(got) == [f"pp-promptfl/{field} differs"]
 
 
-def test_loss_within_the_tolerance_holds_beyond_it_fails():
+@pytest.mark.parametrize("case", ["pp-promptfl-dp", "qs-local"])
+def test_loss_within_the_tolerance_holds_beyond_it_fails(case):
+    rtol = exchange_cases.TOLERANCES[case[:2]][0]
     got = _recording()
-    loss = got["pp-promptfl-dp/loss"]
-    got["pp-promptfl-dp/loss"] = loss * np.float32(1 + exchange_cases.LOSS_RTOL / 2)
+    loss = got[f"{case}/loss"]
+    got[f"{case}/loss"] = loss * np.float32(1 + rtol / 2)
     assert _check(got) == []
-    got["pp-promptfl-dp/loss"] = loss * np.float32(1 + exchange_cases.LOSS_RTOL * 2)
+    got[f"{case}/loss"] = loss * np.float32(1 + rtol * 2)
     [problem] = _check(got)
-    assert problem.startswith("pp-promptfl-dp/loss: max relative difference")
+    assert problem.startswith(f"{case}/loss: max relative difference")
 
 
-def test_accuracy_may_differ_by_a_few_images_per_client_no_more():
+@pytest.mark.parametrize("case", ["pp-local", "qs-local"])
+def test_accuracy_may_differ_by_a_few_images_per_client_no_more(case):
     recorded = _recording()
-    n, acc = recorded["pp-local/n_test"], recorded["pp-local/accuracy"]
-    flips = exchange_cases.ACCURACY_FLIPS
+    n, acc = recorded[f"{case}/n_test"], recorded[f"{case}/accuracy"]
+    flips = exchange_cases.TOLERANCES[case[:2]][1]
     got = dict(recorded)
-    got["pp-local/accuracy"] = (acc + np.float32(flips) / n).astype(np.float32)
+    got[f"{case}/accuracy"] = (acc + np.float32(flips) / n).astype(np.float32)
     assert _check(got) == []
-    got["pp-local/accuracy"] = (acc + np.float32(flips + 1) / n).astype(np.float32)
-    assert _check(got) == [f"pp-local/accuracy: {flips + 1} images of a client differ in a round > {flips}"]
+    got[f"{case}/accuracy"] = (acc + np.float32(flips + 1) / n).astype(np.float32)
+    assert _check(got) == [f"{case}/accuracy: {flips + 1} images of a client differ in a round > {flips}"]
 
 
 def _widest_gap(case: str):

@@ -204,11 +204,10 @@ def _data(n=8, C=4, D=128, seed=0):
 
 
 def _expert_downloads(client, cids, n_experts, seed):
-    """What the server sends: expert ids and their prompts (flat rows)."""
+    """What the server sends: the experts' prompts (flat rows), without their ids."""
     rows = torch.randn(n_experts, client.ctx_shape[0] * client.ctx_shape[1],
                        generator=torch.Generator().manual_seed(seed)) * 0.02
-    return {cid: {"expert_ids": np.arange(1, n_experts + 1, dtype=np.int32), "experts": rows.numpy()}
-            for cid in cids}
+    return {cid: {"experts": rows.numpy()} for cid in cids}
 
 
 def test_gradients_reach_ctx_and_gating_only(tiny_backbone):

@@ -24,8 +24,9 @@ from pfedmoap.algorithms.base import ClientPart, Method, PromptState
 from pfedmoap.algorithms.coop.method import PromptFLServer, prompt_exchange
 from pfedmoap.algorithms.training import Group, Recipe
 from pfedmoap.comm import LocalComm
+from pfedmoap.config import run_hash
 from pfedmoap.errors import PFedMoAPError
-from pfedmoap.federation import Federation, run_hash
+from pfedmoap.federation import Federation
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -89,7 +90,8 @@ class LowRank(Method):
         return prompt_exchange(self.setup.prompt_size, evaluate_global=True)
 
 
-algorithms.register(Manifest(NAME, LowRank, section=SECTION, options=LowRankOptions))
+algorithms.register(Manifest(NAME, LowRank, section=SECTION, options=LowRankOptions,
+                             summary="global prompt + a personal low-rank correction (a test's method)"))
 
 
 # ---------------------------------------------------------------------------- runs
@@ -135,7 +137,7 @@ def traced(tmp_path_factory):
 
 
 def test_both_tensors_train_with_their_own_options(traced):
-    assert traced.cfg.options.rank == RANK and traced.cfg.section == SECTION
+    assert isinstance(traced.cfg.options, LowRankOptions) and traced.cfg.options.rank == RANK
     for e in traced.fits:
         (ctx0, u0, v0), (ctx1, u1, v1) = e["before"], e["after"]
         assert u1.shape == (N_CTX, RANK) and v1.shape == (RANK, W)
@@ -192,7 +194,7 @@ def test_identical_at_one_and_three_ranks(tmp_path, traced):
 def _hashes_without_the_toy() -> dict[str, str]:
     code = ("import json, sys\n"
             "from pfedmoap import algorithms, config\n"
-            "from pfedmoap.federation import run_hash\n"
+            "from pfedmoap.config import run_hash\n"
             "print(json.dumps({m: run_hash(config.load(None, [f'algorithm={m}'])) for m in algorithms.names()}))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -204,3 +206,4 @@ def test_registering_it_changes_no_other_methods_run_hash():
     assert NAME not in without and len(without) >= 9
     here = {m: run_hash(config.load(None, [f"algorithm={m}"])) for m in without}
     assert here == without
+    assert SECTION not in config.load(None, ["algorithm=promptfl"]).to_toml()     # only the run's own options

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import algorithms, comm as comm_mod, dp, rng
-from .algorithms.base import ClientData, Setup, sample_participants
+from .algorithms.base import ClientData, Setup
 from .clip.backbone import Backbone
 from .clip.prompt import PromptEncoder, context_length, init_context
 from .config import Config
@@ -52,31 +52,60 @@ class Build:
         self.encoder = PromptEncoder(self.backbone, self.dataset.classnames, n_ctx,
                                      truncate=cfg.run.truncate_eos, shared_prefix=cfg.run.shared_prefix)
         ctx_shape = tuple(init_context(self.backbone, cfg.prompt.n_ctx, cfg.prompt.init, torch.Generator()).shape)
-        self.dp_noise, self.dp_epsilon = self._privacy()
-        setup = Setup(cfg, self.N, self.encoder, self.backbone, ctx_shape, self.dp_noise)
+        setup = Setup(cfg, self.N, self.encoder, self.backbone, ctx_shape)
         self.method = method_cls(setup)
         self.client = self.method.client()
+        self._privacy()
         self.state_size = len(self.client.state_vector(self.client.init_state(0)))
 
-    def _privacy(self) -> tuple[float, np.ndarray | None]:
-        """(noise multiplier, ε spent by the end of each round) for clipped, noised uploads.
+    def _privacy(self) -> None:
+        """The noise multiplier and sensitivity of the uploads (Setup.dp_noise, dp_sensitivity) and
+        the ε planned by the end of each round (docs/privacy.md).
 
-        Client-level accounting (dp.py: Poisson-subsampled Gaussian, RDP) at the rate the server
-        actually samples: participants per round / N. The noise is solved from dp.epsilon when given."""
-        d, t = self.cfg.dp, self.cfg.train
+        Client-level accounting (dp.py: Poisson-subsampled Gaussian, RDP), each round at the rate
+        the method's server samples it: participants(r) / N, asked of a fresh server object (a pure
+        function of the seed and the round), e.g. FedOTP's round 0 trains every client. The noise is
+        solved from dp.epsilon when given. `dp_spent` records what the rounds actually spend."""
+        d, setup = self.cfg.dp, self.method.setup
+        self.dp_noise, self.dp_epsilon, self.dp_sensitivity, self.dp_accountant = 0.0, None, 0.0, None
         if d.clip <= 0:
-            return 0.0, None
-        rounds = self.manifest.rounds_for(self.cfg)
-        q = len(sample_participants(self.cfg.seed, 0, self.N, t.frac, t.frac_rounding)) / self.N
+            return
+        server = self.method.server()
+        # a method that uploads nothing (local, zeroshot) releases nothing: rate 0, ε 0
+        self.dp_releases = bool(self.method.arrays().up)
+        self.dp_rates = np.array([len(server.participants(r)) / self.N * self.dp_releases
+                                  for r in range(self.manifest.rounds_for(self.cfg))])
         sigma = d.noise_multiplier
-        if d.epsilon > 0:
+        if d.epsilon > 0 and self.dp_releases:
             try:
-                sigma = dp.noise_for(d.epsilon, d.delta, q, rounds)
+                sigma = dp.noise_for(d.epsilon, d.delta, self.dp_rates, orders=dp.ORDERS)
             except ValueError as e:
                 raise PFedMoAPError(f"dp.epsilon = {d.epsilon}: no noise multiplier reaches it ({e})") from None
-        if sigma <= 0:
-            return 0.0, np.full(rounds, np.inf)
-        return float(sigma), dp.epsilon_per_round(sigma, q, rounds, d.delta)
+        if d.mechanism == "gradient":
+            # every upload gets the noise of the largest sensitivity any client's local steps have,
+            # so that the noise level says nothing about a client's number of steps
+            per_unit = max(self.client.upload_sensitivity(int(n)) for n in np.unique(self.n_train))
+            self.dp_sensitivity = d.clip * per_unit
+        else:
+            self.dp_sensitivity = d.clip
+        self.dp_noise = float(sigma)
+        setup.dp_noise, setup.dp_sensitivity = self.dp_noise, self.dp_sensitivity
+        if sigma <= 0 and self.dp_releases:
+            self.dp_epsilon = np.full(len(self.dp_rates), np.inf)
+            return
+        self.dp_accountant = dp.Accountant(sigma, d.delta, dp.ORDERS)
+        self.dp_epsilon = self.dp_accountant.curve(self.dp_rates)
+
+    def dp_spent(self, round_: int, n_participants: int) -> float:
+        """ε spent by the end of `round_`, with `n_participants` clients having trained in it (the
+        rounds before it as they ran, or as planned before a resume: participants(r) is a pure
+        function of the seed and r); NaN without DP."""
+        if self.dp_epsilon is None:
+            return float("nan")
+        self.dp_rates[round_] = n_participants / self.N * self.dp_releases
+        if self.dp_accountant is None:          # clipping without noise
+            return float("inf")
+        return self.dp_accountant.epsilon(self.dp_rates[:round_ + 1])
 
     def _client_data(self) -> dict[int, ClientData]:
         if self.dense:

@@ -116,8 +116,9 @@ class TrainConfig:
 
 @dataclass
 class DPConfig:
-    clip: float = 0.0             # per-upload L2 bound on the prompt; 0 = off
-    noise_multiplier: float = 0.0  # Gaussian noise std = noise_multiplier * clip
+    clip: float = 0.0             # L2 bound C, 0 = off: per local step on the gradient ("gradient") or on the upload ("upload")
+    mechanism: str = "gradient"   # gradient (the paper's: clip each step's gradient, noise the upload) | upload
+    noise_multiplier: float = 0.0  # sigma: the upload's Gaussian noise std = sigma * its L2 sensitivity (docs/privacy.md)
     epsilon: float = 0.0          # client-level privacy budget after all rounds; 0 = not given (then noise_multiplier is used)
     delta: float = 1e-5           # delta of the (epsilon, delta) guarantee, reported and used for calibration
 
@@ -505,6 +506,8 @@ def validate(cfg: Config) -> None:
           f"holds {CLIP_CONTEXT} tokens, including the class name, '.' and start/end tokens)")
     _need("{}" in cfg.prompt.template, f"prompt.template = {cfg.prompt.template!r}: expected a '{{}}' for the class name")
     _need(cfg.dp.clip >= 0, f"dp.clip = {cfg.dp.clip}: expected >= 0 (0 = off)")
+    _need(cfg.dp.mechanism in ("gradient", "upload"),
+          f"dp.mechanism = {cfg.dp.mechanism!r}: expected one of gradient, upload")
     _need(cfg.dp.noise_multiplier >= 0, f"dp.noise_multiplier = {cfg.dp.noise_multiplier}: expected >= 0")
     _need(cfg.dp.noise_multiplier == 0 or cfg.dp.clip > 0,
           "dp.noise_multiplier > 0 needs dp.clip > 0: the noise scale is noise_multiplier * clip")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import comm as comm_mod, store
+from . import comm as comm_mod, dp, store
 from .build import Build
 from .config import Config, recorded_run_hash, run_hash
 from .errors import PFedMoAPError
@@ -170,9 +170,20 @@ class Federation:
                      "n_classes": self.dataset.n_classes, "n_rounds": self.rounds,
                      "config_hash": self.run_hash, "dp_noise_multiplier": self.build.dp_noise,
                      "dp_delta": self.cfg.dp.delta,
-                     "dp_epsilon": np.nan if self.build.dp_epsilon is None else self.build.dp_epsilon[-1]}
+                     "dp_epsilon": np.nan if self.build.dp_epsilon is None else self.build.dp_epsilon[-1],
+                     **self._dp_attrs()}
             self.results = store.Results(run_dir, attrs, self.build.partition_arrays(), list(PHASES), fields)
             self.results.create()         # every round's row reserved; the file exists from now on
+
+    def _dp_attrs(self) -> dict:
+        """What the ε of a DP run means (docs/privacy.md): mechanism, sensitivity, neighbours, accountant."""
+        if self.build.dp_epsilon is None:
+            return {}
+        d = self.cfg.dp
+        return {"dp_mechanism": d.mechanism, "dp_clip": d.clip, "dp_sensitivity": self.build.dp_sensitivity,
+                "dp_neighbours": dp.NEIGHBOURS, "dp_accountant": dp.ACCOUNTANT,
+                "dp_accounting_version": dp.library_version(),
+                "dp_orders": dp.orders()}
 
     # ------------------------------------------------------------------ one round
     def _round(self, r: int) -> None:
@@ -272,7 +283,7 @@ class Federation:
             accuracy=metrics[:, 0], macro_f1=metrics[:, 1], loss=metrics[:, 2], participated=is_part,
             domain_accuracy=metrics[:, 3:3 + n_dom], bytes_up=bytes_up, bytes_down=bytes_down + eval_bytes,
             phase_time=phases.reshape(self.comm.size, len(PHASES)), wall_time=time.perf_counter() - t_round,
-            dp_epsilon=np.nan if self.build.dp_epsilon is None else self.build.dp_epsilon[r], logs=logs,
+            dp_epsilon=self.build.dp_spent(r, len(participants)), logs=logs,
             evaluated=evaluated))
         self._line = store.round_line(r, self.rounds, metrics[:, 0], len(participants), int(evaluated.sum()), N,
                                       time.perf_counter() - t_round, digits=1)      # printed once committed

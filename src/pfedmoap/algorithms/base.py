@@ -65,6 +65,7 @@ class Setup:
     backbone: object                 # clip.backbone.Backbone
     ctx_shape: tuple[int, int]       # (n_ctx, width) of one prompt
     dp_noise: float = 0.0            # the noise multiplier uploads get (dp.noise_multiplier, or solved from dp.epsilon)
+    dp_sensitivity: float = 0.0      # the L2 sensitivity of an upload (docs/privacy.md); noise std = dp_noise * it
 
     @property
     def prompt_size(self) -> int:
@@ -118,10 +119,23 @@ def macro_f1(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
-def fedavg(prompts: np.ndarray, n_samples: np.ndarray) -> np.ndarray:
-    """FedAvg: the sample-count-weighted mean of the uploaded prompts (rows)."""
+def fedavg(prompts: np.ndarray, n_samples: np.ndarray | None) -> np.ndarray:
+    """FedAvg: the sample-count-weighted mean of the uploaded prompts (rows); the plain mean
+    without counts (under DP the count does not travel: it is not covered by the noise)."""
+    if n_samples is None:
+        n_samples = np.ones(len(prompts))
     w = n_samples.astype(np.float64) / n_samples.sum()
     return (w @ prompts.astype(np.float64)).astype(np.float32)
+
+
+def sample_count_array(cfg) -> tuple[Array, ...]:
+    """The `n_samples` upload (FedAvg's weight), declared only without DP (docs/privacy.md)."""
+    return () if cfg.dp.clip > 0 else (Array("n_samples", 1),)
+
+
+def sample_counts(uploads: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The participants' uploaded sample counts, None under DP (then FedAvg weighs them equally)."""
+    return uploads["n_samples"][:, 0] if "n_samples" in uploads else None
 
 
 def sample_participants(seed: int, round_: int, n_clients: int, frac: float, rounding: str = "floor") -> np.ndarray:
@@ -188,6 +202,7 @@ class ClientPart:
         self.encoder, self.backbone, self.ctx_shape = s.encoder, s.backbone, s.ctx_shape
         self.logit_scale = s.backbone.logit_scale
         self._text: dict[int, torch.Tensor] = {}     # evaluation text features of unchanged prompts
+        self._purpose = "batches"                    # of the local training under way (after_backward)
 
     # -------------------------------------------------------------- state
     def init_state(self, cid: int) -> PromptState:
@@ -252,9 +267,42 @@ class ClientPart:
         return torch.from_numpy(np.array(row, np.float32)).reshape(self.ctx_shape)
 
     def upload_prompt(self, ctx: torch.Tensor, round_: int, cid: int) -> np.ndarray:
-        """The copy of a prompt that leaves the client: clipped and noised when dp is on."""
-        return dp.privatize(ctx.reshape(-1).cpu().numpy(), self.cfg.dp.clip, self.method.setup.dp_noise,
-                            rng.numpy_rng(self.cfg.seed, "dp", round_, cid))
+        """The copy of a prompt that leaves the client: noised (dp.mechanism "gradient", its steps'
+        gradients were clipped), or clipped and noised ("upload"), when dp is on."""
+        d, s = self.cfg.dp, self.method.setup
+        row, gen = ctx.reshape(-1).cpu().numpy(), rng.numpy_rng(self.cfg.seed, "dp", round_, cid)
+        if d.clip > 0 and d.mechanism == "gradient":
+            return dp.add_noise(row, s.dp_noise * s.dp_sensitivity, gen)
+        return dp.privatize(row, d.clip, s.dp_noise, gen)
+
+    def upload_count(self, data: ClientData) -> dict[str, list[int]]:
+        """FedAvg's weight, uploaded only without DP (see `sample_count_array`)."""
+        return {} if self.cfg.dp.clip > 0 else {"n_samples": [len(data.train_y)]}
+
+    def gradient_clip(self) -> float:
+        """C, the L2 bound of each local step's gradient of the uploaded rows; 0: no clipping (also
+        for a method that uploads nothing: its training releases nothing)."""
+        d = self.cfg.dp
+        return d.clip if d.clip > 0 and d.mechanism == "gradient" and self.method.arrays().up else 0.0
+
+    def released_rows(self):
+        """Index into the trained tensor of the rows a participant uploads (their gradient is what
+        dp.mechanism "gradient" clips): the whole prompt by default."""
+        return slice(None)
+
+    def step_lrs(self, n: int) -> list[float]:
+        """The learning rate of each local step of a round for a client with n training images
+        (the prompt's recipe and `training.Batches`: full batches of min(batch_size, n))."""
+        t, r = self.cfg.train, self.recipe()
+        if n == 0:
+            return []
+        per_epoch = n // min(t.batch_size, n)
+        return [r.lr_at(e, t.local_epochs) for e in range(t.local_epochs) for _ in range(per_epoch)]
+
+    def upload_sensitivity(self, n: int) -> float:
+        """S / C of a client with n training images under dp.mechanism "gradient" (docs/privacy.md)."""
+        r = self.recipe()
+        return dp.gradient_sensitivity(self.step_lrs(n), r.momentum, r.weight_decay)
 
     def own_text(self, state, cid: int) -> torch.Tensor:
         """(C, D) text features of the client's prompt; a client that did not train keeps them."""
@@ -269,7 +317,13 @@ class ClientPart:
 
     def after_backward(self, groups) -> None:
         """Called every training step between backward and the optimiser steps, with the trained
-        groups (their gradients set): the place for per-step gradient processing. Default: nothing."""
+        groups (their gradients set): the place for per-step gradient processing. Here: under
+        dp.mechanism "gradient", the round's training (purpose "batches", whose result is uploaded)
+        clips the gradient of the uploaded rows to dp.clip; PromptFL+FT's evaluation fine-tuning
+        releases nothing and is not clipped."""
+        clip = self.gradient_clip()
+        if clip and self._purpose == "batches":
+            dp.clip_gradient_(groups[0].params[0].grad[self.released_rows()], clip)
 
     def local_train(self, groups: list[Group], loss, data: ClientData, round_: int, cid: int, *,
                     purpose: str = "batches", epochs: int | None = None, inputs=None, penalty=None) -> float:
@@ -277,6 +331,7 @@ class ClientPart:
         `inputs(epoch, gen)` (default: its training features, augmented as data.augment says),
         `epochs` local epochs (default train.local_epochs). Returns the mean loss."""
         t = self.cfg.train
+        self._purpose = purpose             # after_backward clips the round's training only
         gen = rng.torch_generator(self.cfg.seed, purpose, round_, cid)
         inputs = inputs or (lambda epoch, g: data.train_features(round_, epoch, g))
         return training.train(groups, loss, training.Batches(data.train_y, inputs, t.batch_size, gen),

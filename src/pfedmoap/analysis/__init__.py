@@ -12,5 +12,5 @@ from .figures import accuracy_figure, client_accuracy_figure, plot_runs, run_lab
 from .paper_tables import (TABLE_FORMATS, Cell, PaperTable, domain_accuracies,  # noqa: F401
                            format_paper_table, paper_table)
 from .report import report_main, report_table  # noqa: F401
-from .runs import LAST_K, Run, Stat, dp_epsilon, find_results, load_run  # noqa: F401
+from .runs import LAST_K, Run, Stat, dp_epsilon, dp_neighbours, find_results, load_run  # noqa: F401
 from .summary import FORMATS, Group, Row, format_table, group_runs, summarize  # noqa: F401

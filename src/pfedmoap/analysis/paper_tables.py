@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import PFedMoAPError
 from .latex import latex
-from .runs import Run, Stat, dp_epsilon, find_results, load_run, nanmean, pm
+from .runs import Run, Stat, dp_epsilon, dp_neighbours, find_results, load_run, nanmean, pm
 from .summary import FORMATS
 
 TABLE_FORMATS = FORMATS + ("latex",)
@@ -120,8 +120,10 @@ def paper_table(table, paths) -> PaperTable:
         deltas = sorted({float(r.attrs.get("dp_delta", np.nan)) for r in every if dp_epsilon(r) is not None})
         spread = f"{min(epsilons):.2f}" if max(epsilons) - min(epsilons) < 5e-3 else \
             f"{min(epsilons):.2f} to {max(epsilons):.2f}"
+        relations = sorted({dp_neighbours(r) for r in every if dp_epsilon(r) is not None})
         notes.append(f"DP: {len(epsilons)} run(s) with DP, ε at the last round {spread} "
-                     f"(δ = {', '.join(f'{d:g}' for d in deltas)})")
+                     f"(δ = {', '.join(f'{d:g}' for d in deltas)}; neighbours {' / '.join(relations)}; "
+                     f"an upper bound)")
     if outside:
         notes.append(f"{len(outside)} run(s) under {table.name}/ but not one of its cells "
                      f"(<OUT>/{table.name}/<column>/<row>/seed<k>) not used, e.g. {outside[0]}")

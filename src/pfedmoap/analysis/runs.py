@@ -129,6 +129,11 @@ class Stat(NamedTuple):
         return cls(float(np.mean(values)), std)
 
 
+def dp_neighbours(run: Run) -> str:
+    """The neighbouring relation of a DP run's ε (files before issue 21 assumed the same)."""
+    return str(run.attrs.get("dp_neighbours", "add/remove one client (client-level)"))
+
+
 def dp_epsilon(run: Run) -> float | None:
     """The ε a DP run has spent by its last written round (`/rounds/dp_epsilon`; before any round,
     the planned total, attribute `dp_epsilon`); inf for clipping without noise; None without DP."""

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import PFedMoAPError
 from ..store import READABLE_RESULTS
 from . import methods
-from .runs import LAST_K, Run, Stat, dp_epsilon, flatten, nanmean, pm, without_seed
+from .runs import LAST_K, Run, Stat, dp_epsilon, dp_neighbours, flatten, nanmean, pm, without_seed
 
 FORMATS = ("table", "csv", "markdown")
 
@@ -40,6 +40,7 @@ class Row:
     note: str = ""
     dp_epsilon: Stat | None = None   # DP runs: the (client-level) ε spent by the last round written
     dp_delta: float | None = None
+    dp_neighbours: str | None = None  # the neighbouring relation the ε assumes (attribute dp_neighbours)
 
 
 @dataclass
@@ -119,6 +120,7 @@ def _summarize_group(group: Group) -> Row:
     epsilons = [dp_epsilon(r) for r in runs]
     if all(e is not None for e in epsilons):
         row.dp_epsilon, row.dp_delta = Stat.of(epsilons), float(first.attrs.get("dp_delta", np.nan))
+        row.dp_neighbours = dp_neighbours(first)
     return row
 
 
@@ -163,6 +165,9 @@ def format_table(rows: list[Row], fmt: str = "table") -> str:
         columns.append("DP ε (δ)")
         cells = [c + [_dp_cell(row)] for c, row in zip(cells, rows)]
     notes = [row.note for row in rows if row.note]
+    relations = sorted({row.dp_neighbours for row in rows if row.dp_neighbours})
+    if relations:
+        notes.append(f"DP ε: neighbours {' / '.join(relations)}; an upper bound (RDP accountant), see docs/privacy.md")
     if fmt == "markdown":
         lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cell) + " |" for cell in cells]

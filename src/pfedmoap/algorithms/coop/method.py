@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ...exchange import Array, Broadcast
-from ..base import Arrays, ClientPart, Method, ServerPart, fedavg
+from ..base import Arrays, ClientPart, Method, ServerPart, fedavg, sample_count_array, sample_counts
 
 
 class Local(Method):
@@ -27,7 +27,7 @@ class PromptFLServer(ServerPart):
         return {"global_prompt": Broadcast(self.global_prompt, _mask(self.n_clients, participants))}
 
     def aggregate_fit(self, round_, participants, uploads):
-        self.global_prompt = fedavg(uploads["prompt"], uploads["n_samples"][:, 0])
+        self.global_prompt = fedavg(uploads["prompt"], sample_counts(uploads))
 
     def configure_evaluate(self, round_, evaluated):
         return {"global_prompt": Broadcast(self.global_prompt, np.ones(self.n_clients, bool))}
@@ -51,7 +51,7 @@ class PromptFLClient(ClientPart):
         if "global_prompt" in down:
             state.ctx = self.prompt(down["global_prompt"])
         self.train_prompt(state, data, round_, cid, penalty=self.penalty(down))
-        return {"prompt": self.upload_prompt(state.ctx, round_, cid), "n_samples": [len(data.train_y)]}
+        return {"prompt": self.upload_prompt(state.ctx, round_, cid), **self.upload_count(data)}
 
     def penalty(self, down):
         return None
@@ -64,10 +64,12 @@ class PromptFLClient(ClientPart):
         return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
 
 
-def prompt_exchange(P: int, evaluate_global: bool) -> Arrays:
-    """The arrays of a prompt-averaging method: the global prompt down, prompt + sample count up."""
+def prompt_exchange(P: int, evaluate_global: bool, cfg=None) -> Arrays:
+    """The arrays of a prompt-averaging method: the global prompt down, prompt + sample count
+    (not under DP: pass the run's cfg) up."""
     g = Array("global_prompt", P, broadcast=True)
-    return Arrays(fit_down=(g,), up=(Array("prompt", P), Array("n_samples", 1)),
+    counts = (Array("n_samples", 1),) if cfg is None else sample_count_array(cfg)
+    return Arrays(fit_down=(g,), up=(Array("prompt", P), *counts),
                   eval_down=(g,) if evaluate_global else ())
 
 
@@ -82,7 +84,7 @@ class PromptFL(Method):
     Server, Client = PromptFLServer, PromptFLClient
 
     def arrays(self) -> Arrays:
-        return prompt_exchange(self.setup.prompt_size, evaluate_global=True)
+        return prompt_exchange(self.setup.prompt_size, evaluate_global=True, cfg=self.cfg)
 
 
 class FedProxClient(PromptFLClient):

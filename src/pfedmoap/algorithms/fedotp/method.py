@@ -13,7 +13,7 @@ As the reference (federated_main.py, model "FedOTP"):
 * Round 0 trains every client (`fedotp.all_clients_first_round`, default on), later rounds a
   `train.frac` sample; participants start from the current global prompt and their own local one.
 * Only the global prompt travels: downloaded by the participants, uploaded with the sample count
-  (FedAvg weights), so a participant uploads 4 (P + 1) bytes.
+  (FedAvg weights; not under DP), so a participant uploads 4 (P + 1) bytes (4 P under DP).
 * Evaluation, every client every round: the new global prompt (the FedAvg just computed, sent to
   every client) with the client's own local prompt as it last trained it. The reference's client
   also keeps that global prompt as its own (`local_weights_per`); here it takes it when it next
@@ -99,7 +99,10 @@ class Client(ClientPart):
         if "global_prompt" in down:
             state.ctx = self.prompt(down["global_prompt"])
         self.train_pair(state, data, round_, cid)
-        return {"prompt": self.upload_prompt(state.ctx, round_, cid), "n_samples": [len(data.train_y)]}
+        return {"prompt": self.upload_prompt(state.ctx, round_, cid), **self.upload_count(data)}
+
+    def released_rows(self):
+        return 0                            # the pair's global prompt (the local one never leaves)
 
     def train_pair(self, state: State, data, round_: int, cid: int) -> float:
         """CoOp's local training (local_train with the prompt's recipe) of the (global, local) pair,
@@ -134,4 +137,4 @@ class FedOTP(Method):
     Server, Client = Server, Client
 
     def arrays(self):
-        return prompt_exchange(self.setup.prompt_size, evaluate_global=True)
+        return prompt_exchange(self.setup.prompt_size, evaluate_global=True, cfg=self.cfg)

@@ -25,7 +25,7 @@ import torch
 
 from ...errors import PFedMoAPError
 from ...exchange import Array, Broadcast
-from ..base import Arrays, ClientPart, Method, ServerPart, fedavg
+from ..base import Arrays, ClientPart, Method, ServerPart, fedavg, sample_count_array, sample_counts
 
 
 class Server(ServerPart):
@@ -44,7 +44,7 @@ class Server(ServerPart):
         return {"global_shared": Broadcast(self.shared, to)}
 
     def aggregate_fit(self, round_, participants, uploads):
-        self.shared = fedavg(uploads["shared"], uploads["n_samples"][:, 0])
+        self.shared = fedavg(uploads["shared"], sample_counts(uploads))
 
     def configure_evaluate(self, round_, evaluated):
         return {"global_shared": Broadcast(self.shared, np.ones(self.n_clients, bool))}
@@ -66,12 +66,15 @@ class Client(ClientPart):
         k, W = self.method.n_shared, self.ctx_shape[1]
         return torch.cat([torch.from_numpy(np.array(row, np.float32)).reshape(k, W), ctx[k:]])
 
+    def released_rows(self):
+        return slice(0, self.method.n_shared)
+
     def fit(self, state, data, round_, cid, down):
         if "global_shared" in down:
             state.ctx = self.with_shared(state.ctx, down["global_shared"])
         self.train_prompt(state, data, round_, cid)
         k = self.method.n_shared
-        return {"shared": self.upload_prompt(state.ctx[:k], round_, cid), "n_samples": [len(data.train_y)]}
+        return {"shared": self.upload_prompt(state.ctx[:k], round_, cid), **self.upload_count(data)}
 
     def evaluate(self, state, data, round_, cid, down):
         with torch.no_grad():
@@ -96,4 +99,4 @@ class FedPer(Method):
     def arrays(self) -> Arrays:
         S = self.n_shared * self.setup.ctx_shape[1]
         shared = Array("global_shared", S, broadcast=True)
-        return Arrays(fit_down=(shared,), up=(Array("shared", S), Array("n_samples", 1)), eval_down=(shared,))
+        return Arrays(fit_down=(shared,), up=(Array("shared", S), *sample_count_array(self.cfg)), eval_down=(shared,))

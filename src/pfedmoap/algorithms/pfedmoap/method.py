@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from ... import rng, router
+from ...errors import PFedMoAPError
 from ...clip.gating import GatingNetwork, LinearGate, moe_logits
 from ...exchange import Array, Broadcast, PerClient
-from ..base import Arrays, ClientPart, Log, Method, PromptState, ServerPart, fedavg
+from ..base import Arrays, ClientPart, Log, Method, PromptState, ServerPart, fedavg, sample_count_array, sample_counts
 from ..training import Group, Recipe
 
 
@@ -59,14 +60,14 @@ class Server(ServerPart):
         return router.route(self.m.router, self.pool, self.in_pool, queries, clients, self.E, self.cfg.seed, round_)
 
     def _experts(self, clients: np.ndarray, round_: int) -> dict:
+        """The routed experts' prompts, without whose they are (the paper's App. C.2: a client does
+        not learn where a non-local prompt came from); the ids stay in the server's log."""
         ids = self._route(clients, round_)
         self.expert_ids[clients] = ids
         self._routed[clients] = True
-        counts = np.zeros(self.n_clients, np.int64)
-        counts[clients] = 1
         valid = np.zeros(self.n_clients, np.int64)
         valid[clients] = (ids >= 0).sum(1)
-        return {"expert_ids": PerClient(ids, counts), "experts": PerClient(self.pool[ids[ids >= 0]], valid)}
+        return {"experts": PerClient(self.pool[ids[ids >= 0]], valid)}
 
     def configure_fit(self, round_, participants):
         out = {}
@@ -90,7 +91,7 @@ class Server(ServerPart):
         self.gate_trained[had] = True
         self.pool[participants] = uploads["prompt"]
         self.in_pool[participants] = True
-        n = uploads["n_samples"][:, 0]
+        n = sample_counts(uploads)
         self.global_prompt = fedavg(uploads["prompt"], n)
         if "gating" in uploads:
             self.global_gating = fedavg(uploads["gating"], n)
@@ -181,20 +182,21 @@ class Client(ClientPart):
                 n += p.numel()
 
     def prepare(self, round_, downloads):
-        """Each distinct expert's text features, encoded once per rank (no graph: experts are frozen)."""
+        """Each distinct expert's text features, encoded once per rank (no graph: experts are frozen).
+        Experts come without ids: the same prompt sent to several clients is known by its bytes."""
         if round_ != self._round:
             self._experts, self._round = {}, round_
-        cache: dict[int, torch.Tensor] = {}
+        cache: dict[bytes, torch.Tensor] = {}
         for cid, d in downloads.items():
-            if "expert_ids" not in d:
+            if "experts" not in d:
                 continue
-            ids = d["expert_ids"].reshape(-1)
             feats = []
-            for row, e in zip(d.get("experts", ()), ids[ids >= 0]):
-                if int(e) not in cache:
-                    cache[int(e)] = self.encoder.encode_frozen(self.prompt(row).unsqueeze(0))[0]
-                feats.append(cache[int(e)])
-            self._experts[cid] = torch.stack(feats) if feats else None
+            for row in d["experts"]:
+                key = np.ascontiguousarray(row).tobytes()
+                if key not in cache:
+                    cache[key] = self.encoder.encode_frozen(self.prompt(row).unsqueeze(0))[0]
+                feats.append(cache[key])
+            self._experts[cid] = torch.stack(feats)
 
     def _mixture(self, own: torch.Tensor, cid: int) -> torch.Tensor:
         """(K, C, D): the local prompt's features first, then the experts'."""
@@ -211,7 +213,7 @@ class Client(ClientPart):
         self.train_prompt(state, data, round_, cid, others=(gate,),
                           logits=lambda own, x: moe_logits(state.gating, x, self._mixture(own, cid),
                                                            self.logit_scale, lam)[0])
-        up = {"prompt": self.upload_prompt(state.ctx, round_, cid), "n_samples": [len(data.train_y)]}
+        up = {"prompt": self.upload_prompt(state.ctx, round_, cid), **self.upload_count(data)}
         if self.m.aggregate_gate:
             up["gating"] = self.gating_vector(state)
         return up
@@ -235,12 +237,15 @@ class PFedMoAP(Method):
     def __init__(self, setup):
         super().__init__(setup)
         self.n_experts = self.options.n_experts - 1       # non-local experts per client
+        if self.options.aggregate_gate and self.cfg.dp.clip > 0:
+            raise PFedMoAPError("moe.aggregate_gate = true with dp.clip > 0: the gating network would be uploaded "
+                                "without clipping or noise; set moe.aggregate_gate = false to run with DP")
 
     def arrays(self) -> Arrays:
         P, E, m = self.setup.prompt_size, self.n_experts, self.options
-        experts = (Array("expert_ids", E, "int32"), Array("experts", P)) if E else ()
+        experts = (Array("experts", P),) if E else ()
         gating = ()
-        up = (Array("prompt", P), Array("n_samples", 1))
+        up = (Array("prompt", P), *sample_count_array(self.cfg))
         if m.aggregate_gate:
             G = self._gating_size()
             gating = (Array("global_gating", G, broadcast=True),)
