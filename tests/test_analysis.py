@@ -9,13 +9,15 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from pfedmoap.analysis import (Stat, expert_counts, format_table, load_run, mean_gate_weight,
-                               report_main, summarize)
+from pfedmoap.algorithms.pfedmoap.figures import (expert_counts, expert_figure, gating_figure,
+                                                  mean_gate_weight)
+from pfedmoap.analysis import Stat, format_table, load_run, report_main, summarize
 from pfedmoap.errors import PFedMoAPError
 
 N, C, K = 4, 3, 3  # clients, classes, experts including the local one
@@ -97,8 +99,7 @@ def runs_root(tmp_path_factory):
     for seed in (0, 1):
         arrays[f"promptfl-s{seed}"] = write_run(root, f"promptfl-s{seed}", algorithm="promptfl",
                                                 seed=seed)
-    arrays["zeroshot"] = write_run(root, "zeroshot", algorithm="zeroshot", n_rounds=10,
-                                   rounds_done=1)
+    arrays["zeroshot"] = write_run(root, "zeroshot", algorithm="zeroshot", n_rounds=1)  # as written
     arrays["moap-lr"] = write_run(root, "moap-lr", seed=0, lr=0.01)
     arrays["moap-running"] = write_run(root, "moap-running", seed=3, rounds_done=2,
                                        status="running")
@@ -110,6 +111,11 @@ def all_paths(root):
     return [str(root / name) for name in ("moap-s0", "moap-s1", "moap-s2", "promptfl-s0",
                                           "promptfl-s1", "zeroshot", "moap-lr", "moap-running",
                                           "old-schema")]
+
+
+def label(name):
+    from pfedmoap import algorithms
+    return algorithms.manifest(name).label
 
 
 def client_mean(acc):
@@ -347,64 +353,127 @@ def test_accuracy_figure_has_integer_rounds_a_named_band_and_the_setting(tmp_pat
     ticks = _visible_ticks(ax.xaxis)
     assert ticks and all(float(t).is_integer() and t >= 1 for t in ticks), ticks
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
-    assert "pfedmoap (mean ± std over 3 seeds)" in labels
-    assert "promptfl (seed 0)" in labels
+    assert f"{label('pfedmoap')} (mean ± std over 3 seeds)" in labels
+    assert f"{label('promptfl')} (seed 0)" in labels
     assert ax.get_title() == title
 
 
 def test_titles_carry_the_setting_not_the_directory_name(tmp_path):
     """Two sweeps, each with a run in `seed0`: figures named apart, titles from the configs."""
+    from pfedmoap.analysis import plot_runs, run_label, setting
     write_run(tmp_path / "sweep-a", "seed0", beta=0.1)
     write_run(tmp_path / "sweep-b", "seed0", beta=1.0)
     runs = [load_run(tmp_path / w / "seed0") for w in ("sweep-a", "sweep-b")]
-    from pfedmoap.analysis import expert_figure, gating_figure, group_runs, plot_runs
-    groups = group_runs(runs)
-    titles = {expert_figure(g.runs[0], g.variant).axes[0].get_title() for g in groups}
-    titles |= {gating_figure(g.runs[0], g.variant).axes[0].get_title() for g in groups}
-    assert len(titles) == 4 and not any("seed0" in t for t in titles), titles
-    assert {t.splitlines()[1] for t in titles} == {"digits, dirichlet β=0.1, 4 clients",
-                                                   "digits, dirichlet β=1, 4 clients"}
+    assert {setting(r) for r in runs} == {"digits, dirichlet β=0.1, 4 clients",
+                                          "digits, dirichlet β=1, 4 clients"}
+    assert run_label(runs[0]) == f"{label('pfedmoap')}, seed 0"            # the manifest's label
+    fig = expert_figure(runs[0], f"{run_label(runs[0])}\n{setting(runs[0])}")
+    assert fig.axes[0].get_title() == (f"expert selection: {label('pfedmoap')}, seed 0\n"
+                                       "digits, dirichlet β=0.1, 4 clients")
     names = sorted(p.name for p in plot_runs(runs, tmp_path / "figs"))
     assert "accuracy_digits_dirichlet_dirichlet_beta0.1_4_clients.png" in names
     assert "accuracy_digits_dirichlet_dirichlet_beta1_4_clients.png" in names
     assert "experts_seed0.png" in names and "experts_seed0-2.png" in names
 
 
-def test_expert_heatmap_stays_readable_with_many_clients_and_k_equal_n(tmp_path):
-    from pfedmoap.analysis import expert_figure
-    n, rounds = 40, 5
-    others = np.array([[j for j in range(n) if j != i] for i in range(n)])
-    write_run(tmp_path, "many", n_clients=n, k=n, n_rounds=rounds,
-              experts=np.broadcast_to(others, (rounds, n, n - 1)))
-    run = load_run(tmp_path / "many")
-    fig = expert_figure(run)
+def test_expert_heatmap_stays_readable_with_many_clients(tmp_path):
+    n, k, rounds = 40, 5, 5
+    rng = np.random.default_rng(0)
+    experts = np.stack([[rng.choice([j for j in range(n) if j != i], k - 1, replace=False)
+                         for i in range(n)] for _ in range(rounds)])
+    write_run(tmp_path, "many", n_clients=n, k=k, n_rounds=rounds, experts=experts)
+    fig = expert_figure(load_run(tmp_path / "many"), "t")
     ax, bar = fig.axes
     assert not ax.texts, "per-cell labels on a 40 x 40 heatmap"
     assert bar.get_ylabel() == "rounds selected"
     for axis in (ax.xaxis, ax.yaxis):
         ticks = _visible_ticks(axis)
         assert 2 <= len(ticks) <= 10 and all(float(t).is_integer() for t in ticks), ticks
-    image = ax.get_images()[0]
-    assert image.get_clim() == (0, rounds)  # the off-diagonal R is not the colour scale's 0
-    assert "K = N = 40" in ax.get_title()
-    small = expert_figure(load_run(write_run(tmp_path, "few") and tmp_path / "few"))
+    assert ax.get_images()[0].get_clim() == (0, rounds)   # the colour scale is the rounds
+    small = expert_figure(load_run(write_run(tmp_path, "few") and tmp_path / "few"), "t")
     assert len(small.axes[0].texts) == N * N  # small N keeps its counts in the cells
 
 
-def test_gating_figure_keeps_near_uniform_weights_flat(tmp_path):
-    """0.1000 ± 0.0002 over ten experts must not be drawn as a cliff: y is [0, 1]."""
-    from pfedmoap.analysis import gating_figure
+def test_expert_map_is_not_drawn_when_flat_at_k_equal_n(tmp_path):
+    """K = N (the quick-start's 10 and 10): every client has all the others in every round with
+    experts; the map would be one colour, so it is not drawn and the report says why."""
+    n, rounds = 6, 5
+    others = np.array([[j for j in range(n) if j != i] for i in range(n)])
+    experts = np.broadcast_to(others, (rounds, n, n - 1)).copy()
+    write_run(tmp_path, "flat", n_clients=n, k=n, n_rounds=rounds, experts=experts)
+    reason = expert_figure(load_run(tmp_path / "flat"), "t")
+    assert reason == "every client had every other client as an expert in 4 of 5 rounds (K = 6, N = 6): the map would be flat"
+    text = report_main([str(tmp_path / "flat")], plot_dir=str(tmp_path / "figs"))
+    assert "experts_flat.png not drawn: every client had every other client" in text
+    assert not (tmp_path / "figs" / "experts_flat.png").exists()
+
+
+def test_gating_figure_is_not_drawn_when_every_weight_is_near_uniform(tmp_path):
+    """The quick-start: weights 0.097 to 0.103 at K = 10, no expert in round 1: ten lines on top of
+    each other. Not drawn; the reason names the spread."""
     n, k, rounds = 12, 10, 6
     rng = np.random.default_rng(0)
-    gate = 0.1 + rng.uniform(-2e-4, 2e-4, (rounds, n, k))
+    gate = 0.1 + rng.uniform(-2e-3, 2e-3, (rounds, n, k))
     write_run(tmp_path, "flat", n_clients=n, k=k, n_rounds=rounds, gate=gate,
               experts=np.tile(np.arange(1, k), (rounds, n, 1)))
-    ax = gating_figure(load_run(tmp_path / "flat")).axes[0]
-    assert ax.get_ylim() == (0, 1)
+    reason = gating_figure(load_run(tmp_path / "flat"), "t")
+    assert isinstance(reason, str) and "within ±" in reason and "1/K = 1/10 (rounds 2-6)" in reason
+
+
+def test_gating_figure_shows_weights_that_move_away_from_uniform(tmp_path):
+    """A gate that learns: the local prompt's weight rises. Drawn from the first round with
+    experts, y scaled to the weights (not [0, 1]), the legend outside the axes, 1/K dotted."""
+    n, k, rounds = 5, 4, 6
+    local = np.linspace(0.3, 0.6, rounds)[:, None, None]
+    gate = np.concatenate([np.broadcast_to(local, (rounds, n, 1)),
+                           np.broadcast_to((1 - local) / (k - 1), (rounds, n, k - 1))], axis=2)
+    write_run(tmp_path, "moving", n_clients=n, k=k, n_rounds=rounds, gate=gate,
+              experts=np.tile(np.arange(1, k), (rounds, n, 1)))
+    fig = gating_figure(load_run(tmp_path / "moving"), "pFedMoAP, seed 0")
+    ax = fig.axes[0]
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
-    assert labels[0] == "local" and "uniform 1/K = 1/10" in labels
-    assert len(ax.get_lines()) <= 9  # local + 6 experts + the mean of the rest + 1/K
+    assert labels == ["local", "expert 1", "expert 2", "expert 3", "uniform 1/K = 1/4"]
+    assert ax.get_xlim() == (1.5, 6.5)           # round 1 had no expert (write_run): not drawn
+    assert ax.get_ylim() == pytest.approx((0, 1.15 * 0.6))
+    local_line = ax.get_lines()[0]
+    np.testing.assert_allclose(local_line.get_ydata(), local[1:, 0, 0], rtol=1e-6)
+    assert ax.get_legend().get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1   # outside
     assert all(float(t).is_integer() for t in _visible_ticks(ax.xaxis))
+
+
+def test_methods_are_drawn_in_report_order_with_a_colour_each(tmp_path):
+    """Report order and colours come from the manifests: every method its own colour (no two
+    greys), rows in the README's order whatever the order of the paths."""
+    from pfedmoap import algorithms
+    from pfedmoap.analysis import accuracy_figure, group_runs
+    names = [m.name for m in algorithms.manifests()]
+    for name in reversed(names):
+        write_run(tmp_path, name, algorithm=name, n_rounds=1 if algorithms.manifest(name).rounds == 1 else 4)
+    groups = group_runs([load_run(tmp_path / name) for name in sorted(names, reverse=True)])
+    assert [g.runs[0].algorithm for g in groups] == names
+    fig = accuracy_figure(groups, "t")
+    ax = fig.axes[0]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == [f"{m.label} (seed 0)" for m in algorithms.manifests()]
+    colours = [line.get_color() for line in ax.get_lines()]
+    assert len(colours) == len(names) and len(set(colours)) == len(names)
+    one_round = [m.name for m in algorithms.manifests() if m.rounds == 1]
+    for line, name in zip(ax.get_lines(), names):     # a one-round method: a level across the axis
+        assert (line.get_linestyle() == "--") == (name in one_round)
+
+
+def test_box_labels_say_what_a_box_pools(tmp_path):
+    """A box pools the final accuracies of every client of every seed: its label says so, not
+    `mean ± std over seeds`."""
+    from pfedmoap.analysis import client_accuracy_figure, group_runs
+    for s in (0, 1):
+        write_run(tmp_path, f"s{s}", seed=s)
+    write_run(tmp_path, "fl", algorithm="promptfl")
+    groups = group_runs([load_run(tmp_path / n) for n in ("s0", "s1", "fl")])
+    ax = client_accuracy_figure(groups, "t").axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == [f"{label('promptfl')}\n(4 clients, seed 0)", f"{label('pfedmoap')}\n(4 clients × 2 seeds)"]
+    assert not any("±" in t for t in ticks)
 
 
 def test_schema_2_runs_are_reported_and_plotted(tmp_path):
@@ -440,3 +509,11 @@ def test_console_final_table_shows_percent():
             rows.setdefault(line.split()[0], []).append(line.split()[1:])
     assert rows["pfedmoap"] == [["50.00", "81.25"], ["25.00", "100.00"]], text
     assert rows["zeroshot"] == [["37.50", "37.50"], ["50.00", "50.00"]], text
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "src" / "pfedmoap"
+                                                           / "analysis").glob("*.py")))
+def test_analysis_names_no_method(module):
+    """Order, labels, colours, one-round methods and a method's own figures come from the manifests."""
+    from test_layers import test_central_modules_name_no_method
+    test_central_modules_name_no_method(f"analysis/{module}")

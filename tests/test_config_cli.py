@@ -359,7 +359,7 @@ def test_run_prints_a_short_header_not_the_config(tmp_path, capsys, keep_signals
     assert rc == 0, captured.err
     lines = captured.out.splitlines()
     headers = [line for line in lines if line.startswith("# pfedmoap")]
-    assert headers == [f"# pfedmoap zeroshot: synthetic, dirichlet partition, 2 clients, 1 rounds, "
+    assert headers == [f"# pfedmoap zeroshot: synthetic, dirichlet partition, 2 clients, 1 round, "
                        f"world size 1 -> {out}"], captured.out
     # not the ~70-line resolved config (it is in results.h5)
     assert not any(line.startswith("[") and line.endswith("]") for line in lines), captured.out

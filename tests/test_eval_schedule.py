@@ -134,7 +134,9 @@ def test_report_and_figures_read_the_gaps(runs, tmp_path):
     text = analysis.report_main([str(runs["dir"] / "sched")], "table", str(tmp_path / "fig"))
     assert "complete" in text and "nan" not in text.lower()
     figures = sorted(p.name for p in (tmp_path / "fig").glob("*.png"))
-    assert any(n.startswith("accuracy_") for n in figures) and any(n.startswith("gating_") for n in figures)
+    assert any(n.startswith("accuracy_") for n in figures)
+    # the method's own gating figure: drawn, or (weights near uniform) named as not drawn
+    assert any(n.startswith("gating_") for n in figures) or "gating_sched.png not drawn: " in text
     # a run evaluating everyone is reported as before: last 5 = mean of the last 5 round means
     every = analysis.load_run(runs["dir"] / "every")
     (row,) = analysis.summarize([every])

@@ -175,11 +175,38 @@ def test_layers_in_order_file_column_overlay_row_user_seed(tmp_path):
         tables.select(t, [6])
     listing = tables.table_main("runs", "t", f, "OUT").splitlines()
     assert listing[0].split("\t")[:2] == ["0", "OUT/t/x/a/seed4"]
-    assert listing[4].split("\t")[2] == (f"pfedmoap run {tmp_path / 'base.toml'} --set train.lr=0.2 --set train.batch_size=7 "
-                                         f"--with {tmp_path / 'over.toml'} --set train.lr=0.4 --set seed=4 --out OUT/t/x/c/seed4")
+    # column settings under a row's overlays: no command line layers them so; the table's own run
+    assert listing[4].split("\t")[2] == f"pfedmoap run --table t --tables {f} --index 4 --out OUT"
     assert listing[-1] == "-\t(no run)\tD: not here"
     assert tables.table_main("runs", "t", f, count=True) == "6"
     assert tables.table_main("list", None, f).split() [:3] == ["t", "6", "runs"]
+
+
+def test_every_listed_command_runs_exactly_the_tables_run(tmp_path):
+    """`table runs` prints, per run, a command; parsed by `pfedmoap run` it must give the very
+    config of the table's run: also for a column without a config file (a bare `pfedmoap run`
+    starts from the quick-start) and for column settings under row overlays."""
+    import shlex
+    _write(tmp_path, 'rounds = 3\n[train]\nlr = 0.1\n', "base.toml")
+    _write(tmp_path, '[train]\nlr = 0.3\n', "over.toml")
+    f = _write(tmp_path, '''
+seeds = [2]
+[tables.t]
+rows = [{ name = "A", set = ["algorithm=promptfl"] }, { name = "B", with = ["over.toml"] }]
+columns = [{ name = "defaults", config = "" }, { name = "file", config = "base.toml" },
+           { name = "file+set", config = "base.toml", set = ["train.lr=0.2"] }]
+''')
+    user = ["train.local_epochs=3"]
+    listing = tables.table_main("runs", "t", f, str(tmp_path / "OUT"), sets=user).splitlines()
+    specs = tables.get("t", f).runs()
+    assert len(listing) == len(specs) == 6
+    for line, spec in zip(listing, specs):
+        command = line.split("\t")[2]
+        argv = shlex.split(command)
+        assert argv[:2] == ["pfedmoap", "run"]
+        [cfg] = cli._configs(cli._parser().parse_args(argv[1:]))
+        assert cfg.to_toml() == spec.config(tmp_path / "OUT", user).to_toml(), command
+    assert "--table t" in listing[0] and "--table t" not in listing[2]   # "" column; a config file
 
 
 @pytest.mark.parametrize("text, message", [

@@ -17,7 +17,28 @@ from . import algorithms
 from .errors import PFedMoAPError, ReportedElsewhere
 
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"{__package__}.cli")     # not __name__: `python -m pfedmoap.cli` runs as __main__
+
+
+def _out(text: str) -> None:
+    """Print a result to stdout. A reader that goes away (`pfedmoap table runs T | head`) raises
+    BrokenPipeError here once; stdout is then pointed at /dev/null so that nothing (not the
+    interpreter's last flush either) writes to the closed pipe again, and main ends quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _drop_stdout()
+        raise
+
+
+def _drop_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+EXIT_PIPE = 128 + signal.SIGPIPE       # what a shell shows for a writer its reader left
+_running = {"out": None}               # the run directory being run on this rank 0, if any
 
 
 class _UsageError(PFedMoAPError):
@@ -80,10 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", parents=[v], help="versions, MPI library, world size, devices")
     data = sub.add_parser("data", help="data-set tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    chk = dsub.add_parser("check", parents=[v], help="validate a data root and print per-split counts")
-    chk.add_argument("--dataset", required=True)
-    chk.add_argument("--root", default="")
-    chk.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    from .data.datasets import available
+    chk = dsub.add_parser("check", parents=[v], help="validate a data root and print per-split counts",
+                          description="Load a data set from its root, open and decode every image it "
+                          "uses, and print its split counts, classes and domains; a wrong layout is one "
+                          "line naming the path and the layout expected (docs/reproducing.md).")
+    chk.add_argument("--dataset", required=True, metavar="NAME",
+                     help=f"the data set: one of {', '.join(available())}")
+    chk.add_argument("--root", default="", metavar="DIR",
+                     help="the folder that holds it (data.root; the embedded ones need none)")
+    chk.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other data key as a run would get it, e.g. --set data.domains=clipart,sketch")
     tab = sub.add_parser("table", parents=[v], help="the paper's tables: list them, or one table's runs")
     tab.add_argument("action", choices=("list", "runs"))
     tab.add_argument("name", nargs="?", metavar="TABLE")
@@ -109,7 +137,7 @@ def _configs(args) -> list:
             return cfgs
         todo = [c for c in cfgs if not tables.is_complete(c)]       # complete runs are kept as they are
         if len(todo) < len(cfgs) and comm_mod.launcher_rank() == 0:
-            print(f"# table {args.table}: {len(cfgs) - len(todo)} of {len(cfgs)} runs already complete: kept")
+            _out(f"# table {args.table}: {len(cfgs) - len(todo)} of {len(cfgs)} runs already complete: kept")
         return todo
     from . import algorithms
     base = None if args.config else config.QUICKSTART
@@ -139,28 +167,50 @@ def _run(configs, comm, if_exists: str) -> int:
         say("nothing left to run")
         return 0
     outcomes = []
-    for cfg in configs:
-        say(_header(cfg, comm.size))
-        fed = federation.Federation(cfg, comm)
-        say(_clip_lines(partition_summary(fed.partition, fed.dataset), 21))
-        outcome = fed.run(cfg.out, if_exists)
-        outcomes.append((cfg, outcome))
-        if outcome.status == "stopped":
-            if comm.rank == 0:
-                print(f"stopped on a signal; checkpoint written to {cfg.out}; resume with: pfedmoap resume {cfg.out}")
-            return federation.EXIT_STOPPED
+    try:
+        for cfg in configs:
+            _running["out"] = cfg.out
+            say(_header(cfg, comm.size))
+            fed = federation.Federation(cfg, comm)
+            say(_clip_lines(partition_summary(fed.partition, fed.dataset), 21))
+            outcome = fed.run(cfg.out, if_exists)
+            outcomes.append((cfg, outcome))
+            if outcome.status == "stopped":
+                if comm.rank == 0:
+                    _out(f"stopped on a signal; checkpoint written to {cfg.out}; resume with: pfedmoap resume {cfg.out}")
+                return federation.EXIT_STOPPED
+    finally:
+        _running["out"] = None
     if comm.rank == 0:
-        print(_final_table(outcomes))
+        _out(_final_table(outcomes))
         if len(configs) > 1 and all(c.rounds == config.QUICKSTART["rounds"] for c in configs):
-            print(config.QUICKSTART_NOTE)
+            _out(config.QUICKSTART_NOTE)
     return 0
 
 
 def _header(cfg, size: int) -> str:
-    """One line per run (the full config is in results.h5): what runs, on what, where."""
+    """One line per run (the full config is in results.h5): what runs, on what, where; the rounds
+    are the method's (a one-round method's 1, whatever `rounds` says)."""
     d = cfg.data
-    return (f"# pfedmoap {cfg.algorithm}: {d.dataset}, {d.partition} partition, {d.n_clients} clients, "
-            f"{cfg.rounds} rounds, world size {size} -> {cfg.out}")
+    rounds = algorithms.manifest(cfg.algorithm).rounds_for(cfg)
+    return (f"# pfedmoap {cfg.algorithm}: {d.dataset}, {d.partition} partition, {_plural(d.n_clients, 'client')}, "
+            f"{_plural(rounds, 'round')}, world size {size} -> {cfg.out}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _refuse_held(configs) -> None:
+    """`run` without --if-exists into directories that already hold runs: one line naming the
+    first, how many more there are, and the two ways on (store.open_run refuses it again, later)."""
+    from .store import has_run
+    held = [c.out for c in configs if has_run(Path(c.out))]
+    if held:
+        more = (f" (and {len(held) - 1} more of this command's {len(configs)} run directories)"
+                if len(held) > 1 else "")
+        raise PFedMoAPError(f"{held[0]}: already holds a run{more}; pass --if-exists resume to continue "
+                            "or --if-exists overwrite to start again, or choose another --out")
 
 
 def check_writable_dir(path: str, what: str) -> None:
@@ -230,15 +280,15 @@ def _info(comm) -> int:
     """Versions, methods, world and devices. What needs no torch is printed before torch is imported
     (seconds on a loaded node)."""
     from . import __version__, comm as comm_mod, store
-    say = print if comm.rank == 0 else (lambda *a, **k: None)
+    say = _out if comm.rank == 0 else (lambda text: None)
     say("\n".join([f"pfedmoap {__version__}", f"python {sys.version.split()[0]}",
                    f"methods: {', '.join(m.name for m in algorithms.manifests())}",
-                   store.library_versions(), comm_mod.library_versions(), f"world size {comm.size}"]), flush=True)
+                   store.library_versions(), comm_mod.library_versions(), f"world size {comm.size}"]))
     import open_clip
     import torch
     cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     say("\n".join([f"torch {torch.__version__}", f"open_clip {open_clip.__version__}",
-                   f"devices: cpu ({torch.get_num_threads()} threads)"
+                   f"devices: cpu ({_plural(torch.get_num_threads(), 'thread')})"
                    + "".join(f", cuda:{i} {n}" for i, n in enumerate(cuda))]))
     return 0
 
@@ -248,9 +298,9 @@ def _data_check(args) -> int:
     from .data.disk import DataProblems, check_root
     cfg = config.load(None, args.sets + [f"data.dataset={args.dataset}"] + ([f"data.root={args.root}"] if args.root else []))
     try:
-        print(check_root(cfg.data))
+        _out(check_root(cfg.data))
     except DataProblems as e:          # the description, the problems, then the error line
-        print(e.report, flush=True)
+        _out(e.report)
         print(e.listing, file=sys.stderr, flush=True)
         raise
     return 0
@@ -268,11 +318,11 @@ def _follow(run_dirs: list[str]) -> int:
     if not (path / store.RESULTS).exists() and not path.is_file():
         print(f"# waiting for {path / store.RESULTS}", file=sys.stderr, flush=True)
     for row in store.follow(path):
-        print(store.round_line(row["round"], row["n_rounds"], row["accuracy"], row["participants"],
-                               row["evaluated"], row["n_clients"], row["wall_time"], digits=2), flush=True)
+        _out(store.round_line(row["round"], row["n_rounds"], row["accuracy"], row["participants"],
+                              row["evaluated"], row["n_clients"], row["wall_time"], digits=2))
     attrs = store.read_results(path, rounds=False)["attrs"]
-    print(f"# run {attrs['status']}: {attrs['rounds_done']} of {attrs['n_rounds']} rounds"
-          + (f"; resume with: pfedmoap resume {path}" if attrs["status"] == "stopped" else ""), flush=True)
+    _out(f"# run {attrs['status']}: {attrs['rounds_done']} of {attrs['n_rounds']} rounds"
+         + (f"; resume with: pfedmoap resume {path}" if attrs["status"] == "stopped" else ""))
     return 0
 
 
@@ -285,6 +335,25 @@ class _Console(logging.StreamHandler):
         self.setFormatter(logging.Formatter("warning: %(message)s" if record.levelno >= logging.WARNING
                                             else "%(message)s"))
         super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError) and self.stream is sys.stdout:
+            _stdout_closed()            # `pfedmoap run | head`: no "--- Logging error ---" traceback
+        else:
+            super().handleError(record)
+
+
+def _stdout_closed() -> None:
+    """stdout's reader went away while a run logs its progress: nothing more goes there, and the
+    run is not killed mid-round: it stops at the round's end with its checkpoint, as on SIGTERM,
+    and says so on stderr."""
+    _drop_stdout()
+    if _running["out"] is not None:
+        from . import federation
+        federation.request_stop()
+        print(f"# stdout closed: stopping after this round; resume with: pfedmoap resume {_running['out']}",
+              file=sys.stderr, flush=True)
+        _running["out"] = None
 
 
 def _console(verbosity: int) -> None:
@@ -326,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 configs = _configs(args)      # validated before the heavy imports: bad input fails fast
                 if comm.rank == 0:            # the run directories: rank 0 writes them
+                    if args.if_exists == "refuse":
+                        _refuse_held(configs)     # before any set-up (data, model): seconds, not a minute
                     if args.out:
                         check_writable_dir(args.out, "--out")
                     for cfg in configs:
@@ -344,11 +415,11 @@ def main(argv: list[str] | None = None) -> int:
             from .analysis import report_main
             if args.plot is not None:
                 check_writable_dir(args.plot, "--plot")
-            print(report_main(args.run_dirs, args.format, args.plot, table=args.table, tables_file=args.tables))
+            _out(report_main(args.run_dirs, args.format, args.plot, table=args.table, tables_file=args.tables))
             return 0
         if args.command == "table":
             from .tables import table_main
-            print(table_main(args.action, args.name, args.tables, args.out, args.count, args.sets))
+            _out(table_main(args.action, args.name, args.tables, args.out, args.count, args.sets))
             return 0
         if args.command == "info":
             return _info(comm)
@@ -366,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:          # the reader of stdout went away (| head): no traceback
+        _drop_stdout()
+        if comm.size > 1:
+            comm.abort(EXIT_PIPE)
+        return EXIT_PIPE
     except Exception as e:  # noqa: BLE001 - a crash on one rank must end the whole world
         comm_mod.fail(comm, e)
     return 1

@@ -56,6 +56,16 @@ ROUND_FIELDS = {
                         "round (RDP accountant, dp.py); inf with clipping but no noise; NaN with DP off"),
 }
 
+# /partition's data sets (docs/hdf5-layout.md): (units, description), written as their attributes.
+PARTITION_FIELDS = {
+    "train_client": ("client id", "client owning each training image, -1 if none"),
+    "test_client": ("client id", "client owning each test image, -1 if none"),
+    "class_counts": ("images", "training images per client and class"),
+    "test_class_counts": ("images", "test images per client and class"),
+    "n_train": ("images", "training-set size per client"),
+    "test_domain_counts": ("images", "test images per client and domain (attr domain_names)"),
+}
+
 
 @dataclass
 class RoundRecord:
@@ -440,6 +450,8 @@ class Results:
                     g.attrs[k] = list(v)
                 else:
                     g.create_dataset(k, data=v)
+                    if k in PARTITION_FIELDS:
+                        g[k].attrs["units"], g[k].attrs["description"] = PARTITION_FIELDS[k]
             r = f.create_group("rounds")
             for k, (shape, dtype) in shapes.items():
                 _create_rounds_dataset(r, k, n_rounds, shape, dtype, info[k])

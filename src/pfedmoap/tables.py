@@ -115,9 +115,18 @@ class RunSpec:
         cfg.out = str(self.out(root))
         return cfg
 
-    def command(self, root: str | Path, sets=()) -> str:
-        """The equivalent `pfedmoap run` line (what the run does, for logs and listings)."""
-        parts = ["pfedmoap run"] + ([self.column.config] if self.column.config else [])
+    def command(self, root: str | Path, sets=(), tables_file=None) -> str:
+        """A `pfedmoap run` line that runs exactly this run (for logs and listings): the layers
+        spelled out where a command line applies them in the table's order (a config file, the
+        row's overlays, then the --set layer). Otherwise the table's own run, `pfedmoap run --table
+        ... --index I`: a column without a config file (`pfedmoap run` without CONFIG starts from
+        the quick-start, not the built-in defaults) or column settings under a row's overlays
+        (on a command line every --set comes after every --with)."""
+        if not self.column.config or (self.column.sets and self.row.overlays):
+            parts = [f"pfedmoap run --table {self.table.name}"] + ([f"--tables {tables_file}"] if tables_file else [])
+            parts += [f"--index {self.index}"] + [f"--set {s}" for s in sets]
+            return " ".join(parts + [f"--out {root}"])
+        parts = ["pfedmoap run", self.column.config]
         parts += [f"--set {s}" for s in self.column.sets]
         parts += [f"--with {o}" for o in self.row.overlays]
         parts += [f"--set {s}" for s in self.overrides(sets)]
@@ -326,6 +335,6 @@ def table_main(action: str, name: str | None = None, path=None, out: str = "runs
     runs = table.runs()
     if count:
         return str(len(runs))
-    lines = [f"{s.index}\t{s.out(out)}\t{s.command(out, sets)}" for s in runs]
+    lines = [f"{s.index}\t{s.out(out)}\t{s.command(out, sets, path)}" for s in runs]
     lines += [f"-\t(no run)\t{r.name}: {r.missing}" for r in table.rows if r.missing]
     return "\n".join(lines)

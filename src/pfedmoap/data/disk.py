@@ -127,7 +127,8 @@ def _coop(cfg, name: str) -> FederatedDataset:
     root = _root(cfg, name, expected)
     base = root / folder if (root / folder).is_dir() else root
     if not (base / split).is_file():
-        raise _fail(name, base / split, expected)
+        # ROOT may be the folder itself; a ROOT that is neither lacks the folder the layout names
+        raise _fail(name, base / split if base != root or (root / imgdir).is_dir() else root / folder, expected)
     if not (base / imgdir).is_dir():
         raise _fail(name, base / imgdir, expected)
     try:

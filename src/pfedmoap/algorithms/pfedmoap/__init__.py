@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ... import router
 from ...errors import PFedMoAPError
 from .. import register
-from ..manifest import Manifest
+from ..manifest import Figure, Manifest
 
 
 @dataclass
@@ -42,7 +42,12 @@ class MoEOptions:
             need(value in allowed, f"moe.{key} = {value!r}: expected one of {', '.join(allowed)}")
 
 
+FIGURES = (Figure("experts", "how many rounds client j was one of client i's experts (N x N)",
+                  "pfedmoap.algorithms.pfedmoap.figures:expert_figure"),
+           Figure("gating", "mean gating weight of the local prompt and of each expert rank per round",
+                  "pfedmoap.algorithms.pfedmoap.figures:gating_figure"))
+
 register(Manifest("pfedmoap", "pfedmoap.algorithms.pfedmoap.method:PFedMoAP", label="pFedMoAP", order=90,
-                  quickstart=True, section="moe", options=MoEOptions, default=True,
+                  quickstart=True, section="moe", options=MoEOptions, default=True, figures=FIGURES,
                   summary="the local prompt plus K-1 non-local experts from the pool, mixed by a client-side "
                           "gating network"))

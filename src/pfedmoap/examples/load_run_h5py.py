@@ -1,7 +1,7 @@
 """Read a pfedmoap run with h5py and numpy only (no pfedmoap import): the layout is in
 docs/hdf5-layout.md. Prints the run's attributes and the mean client accuracy per round.
 
-    python tools/load_run_h5py.py RUN_DIR_OR_RESULTS_H5
+    python -m pfedmoap.examples.load_run_h5py RUN_DIR_OR_RESULTS_H5   (or: python load_run_h5py.py ...)
 """
 import sys
 from pathlib import Path

@@ -1,7 +1,7 @@
 """Read a pfedmoap run into pandas DataFrames (h5py + pandas, no pfedmoap import): one row per
 (round, client), as for a groupby or a seaborn plot. The layout is in docs/hdf5-layout.md.
 
-    python tools/load_run_pandas.py RUN_DIR_OR_RESULTS_H5
+    python -m pfedmoap.examples.load_run_pandas RUN_DIR_OR_RESULTS_H5   (or: python load_run_pandas.py ...)
 """
 import sys
 from pathlib import Path
