@@ -5,7 +5,7 @@ to start without an array index, and jobs/submit.sh submitting it with logs/ and
 
 Runs on the private SLURM of tools/slurm_local.sh and never on any other (a site's SLURM would get
 real jobs): the tests neither install nor start anything. Bring it up first (root; `.ci/run` does):
-    eval "$(tools/slurm_local.sh)"          # apt-get installs slurm-wlm if needed, starts the daemons
+    eval "$(tools/slurm_local.sh)"          # installs SLURM from Debian if needed, starts it
 Skipped with the reason when it is not up; set PFEDMOAP_REQUIRE_SLURM=1 to make that a failure
 instead. Deselect with `-m "not slurm"` (they are also `slow`).
 
@@ -76,7 +76,7 @@ def slurm(tmp_path_factory):
     env = dict(os.environ, SLURM_LOCAL_DIR=state)
     if not all(shutil.which(t) for t in ("sbatch", "scontrol", "sinfo")):
         _unavailable('no SLURM here (sbatch, scontrol or sinfo missing); bring up the private one '
-                     'with `eval "$(tools/slurm_local.sh)"` (root, apt-get), as .ci/run does')
+                     'with `eval "$(tools/slurm_local.sh)"` (root; it installs SLURM from Debian), as .ci/run does')
     up = subprocess.run([str(SLURM_LOCAL), "status"], env=env, capture_output=True, timeout=60)
     if up.returncode != 0:
         _unavailable(f"the private SLURM of tools/slurm_local.sh is not up (state in {state}); "
