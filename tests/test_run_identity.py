@@ -173,3 +173,18 @@ def test_legacy_checkpoint_resumes(tmp_path):
     assert tables.is_complete(_legacy_cfg(f"out={run}"))
     # what the new checkpoint records is today's hash of the same run
     assert _attrs(run / "checkpoint.h5")["config_hash"] == config.run_hash(_legacy_cfg())
+
+
+def test_keys_added_later_keep_recorded_hashes_at_their_default():
+    """train.drop_rate, train.client_block and [eval] came after runs were recorded: at their defaults
+    the hash is the one of a config text without them (a recorded run's); any other value changes it."""
+    import tomllib
+    from pfedmoap import config
+    cfg = config.load(None, [])
+    d = tomllib.loads(cfg.to_toml())
+    for key in ("drop_rate", "client_block"):
+        del d["train"][key]
+    del d["eval"]
+    assert config._digest({k: v for k, v in d.items() if k not in ("out", "run")}) == cfg.hash()
+    for change in ("train.drop_rate=0.25", "train.client_block=4", "eval.protocol=dual"):
+        assert config.load(None, [change]).hash() != cfg.hash(), change

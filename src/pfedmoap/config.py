@@ -52,6 +52,29 @@ def _options_for(algorithm: str):
     return m.options() if m is not None and m.options is not None else None
 
 
+def added(default=dataclasses.MISSING, *, factory=dataclasses.MISSING):
+    """A key (or section) added after runs were recorded: at its default it is left out of the run's
+    identity (Config.hash), so that every run recorded before it keeps its hash; any other value is
+    hashed. A section added so is left out when every key of it is."""
+    return field(default=default, default_factory=factory, metadata={"added": True})
+
+
+def _identity(obj) -> dict:
+    """The dict of a section (or the config) as its identity hashes it: `added` keys at their default left out."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if f.name == "options":
+            continue
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            sub = _identity(v)
+            if sub or not f.metadata.get("added"):
+                out[f.name] = sub
+        elif not (f.metadata.get("added") and v == f.default):
+            out[f.name] = v
+    return out
+
+
 def _owners(section: str) -> list[str]:
     """The registered methods whose options section is `section`."""
     return sorted(name for name, m in _METHODS.items() if m.section and m.section == section)
@@ -112,6 +135,10 @@ class TrainConfig:
     frac: float = 1.0             # fraction of clients sampled per round
     frac_rounding: str = "floor"  # participants per round: max(1, floor(frac*N)) as the reference, or "round"
     eval_batch_size: int = 512
+    # a sampled participant fails to return its upload with this probability (keyed by seed, round, client)
+    drop_rate: float = added(0.0)
+    # B: a rank trains (and evaluates) its hosted clients a block of B at a time in one batched computation
+    client_block: int = added(1)
 
 
 @dataclass
@@ -139,6 +166,13 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    # What a round reports besides each client's accuracy on its own test split (docs/protocols.md):
+    # personal (only that) | base2novel | leave_one_domain_out | cross_dataset | dual
+    protocol: str = added("personal")
+
+
+@dataclass
 class Config:
     seed: int = 1
     algorithm: str = ""           # a registered method; "" = the default one (its manifest says default=True)
@@ -150,6 +184,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = added(factory=EvalConfig)
     # The algorithm's own options (its manifest's options class; in TOML its manifest's section),
     # None if it has none. A config holds only its own method's options: another method's section
     # is not part of it (config files may carry them; see `load`).
@@ -180,7 +215,10 @@ class Config:
     def hash(self, exclude: tuple[str, ...] = ("out", "run")) -> str:
         """Identity of what a run computes (not where it writes or how fast): the shared sections
         and its own method's options, nothing of another method (docs/hdf5-layout.md)."""
-        return _digest({k: v for k, v in self.to_dict().items() if k not in exclude})
+        d = _identity(self)
+        if self.section:
+            d[self.section] = dataclasses.asdict(self.options)
+        return _digest({k: v for k, v in d.items() if k not in exclude})
 
 
 def _digest(d: dict) -> str:
@@ -438,6 +476,8 @@ def _need(ok: bool, msg: str) -> None:
         raise PFedMoAPError(msg)
 
 
+PROTOCOLS = ("personal", "base2novel", "leave_one_domain_out", "cross_dataset", "dual")
+
 # Sanity bounds: beyond them a run would only fail (or never end) after minutes of start-up.
 MAX_ROUNDS = 10 ** 6
 MAX_CLIENTS = 10 ** 6
@@ -492,6 +532,10 @@ def validate(cfg: Config) -> None:
     _need(0 < t.frac <= 1, f"train.frac = {t.frac}: expected a fraction in (0, 1]")
     _need(t.local_epochs >= 1, f"train.local_epochs = {t.local_epochs}: expected >= 1")
     _need(t.batch_size >= 1, f"train.batch_size = {t.batch_size}: expected >= 1")
+    _need(0 <= t.drop_rate < 1, f"train.drop_rate = {t.drop_rate}: expected 0 <= drop_rate < 1")
+    _need(t.client_block >= 1, f"train.client_block = {t.client_block}: expected >= 1 (1: one client at a time)")
+    _need(cfg.eval.protocol in PROTOCOLS,
+          f"eval.protocol = {cfg.eval.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
     _need(t.eval_batch_size >= 1, f"train.eval_batch_size = {t.eval_batch_size}: expected >= 1")
     _need(t.lr > 0, f"train.lr = {t.lr}: expected > 0")
     _need(t.local_epochs <= MAX_ROUNDS, f"train.local_epochs = {t.local_epochs}: expected <= {MAX_ROUNDS}")
