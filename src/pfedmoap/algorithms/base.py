@@ -66,6 +66,10 @@ class Setup:
     ctx_shape: tuple[int, int]       # (n_ctx, width) of one prompt
     dp_noise: float = 0.0            # the noise multiplier uploads get (dp.noise_multiplier, or solved from dp.epsilon)
     dp_sensitivity: float = 0.0      # the L2 sensitivity of an upload (docs/privacy.md); noise std = dp_noise * it
+    # The encoder of the class names the clients train on, where `encoder` holds others: a client
+    # part built to evaluate on other classes (docs/protocols.md) trains, if its evaluation trains
+    # (PromptFL+FT's fine-tuning), only with the training classes. None: `encoder`.
+    train_encoder: object = None
 
     @property
     def prompt_size(self) -> int:
@@ -200,6 +204,7 @@ class ClientPart:
         s = method.setup
         self.method, self.cfg, self.options = method, method.cfg, method.options
         self.encoder, self.backbone, self.ctx_shape = s.encoder, s.backbone, s.ctx_shape
+        self.train_encoder = s.train_encoder or s.encoder
         self.logit_scale = s.backbone.logit_scale
         self._text: dict[int, torch.Tensor] = {}     # evaluation text features of unchanged prompts
         self._purpose = "batches"                    # of the local training under way (after_backward)
@@ -241,6 +246,13 @@ class ClientPart:
     def evaluate(self, state, data: ClientData, round_: int, cid: int, down: dict[str, np.ndarray]) -> EvalResult:
         text = self.own_text(state, cid).unsqueeze(0)
         return self.score(data, lambda x: (self.logit_scale * x @ text[0].t(), None))
+
+    def evaluate_global(self, state, data: ClientData, round_: int, cid: int,
+                        down: dict[str, np.ndarray]) -> EvalResult | None:
+        """The method's global model (where it has one) on `data`'s test split; None: it has none.
+        Asked by the evaluation protocols that report it (eval.protocol "dual", "base2novel"),
+        with the client's downloads of the round (fit and evaluation)."""
+        return None
 
     # -------------------------------------------------------------- blocks of clients
     # The round loop hands the client part its hosted clients a block at a time. The defaults train
