@@ -46,7 +46,10 @@ class Build:
         # domain out: the other domains); the partition, the class names and the features follow it
         self.protocol = protocols.build(cfg, load_dataset(cfg.data), self._load_target)
         self.dataset = self.protocol.train
-        self.partition = make_partition(self.dataset, cfg.data, cfg.seed)
+        held = cfg.eval.held_out         # data.domains may name it: the partition runs over the others
+        part_cfg = dataclasses.replace(cfg.data, domains=[d for d in cfg.data.domains if d != held]) if held \
+            else cfg.data
+        self.partition = make_partition(self.dataset, part_cfg, cfg.seed)
         self.N = len(self.partition.train)
         self.n_train = np.array([len(t) for t in self.partition.train], np.int64)
         self.owner = comm_mod.place_clients(self.n_train, comm.size)
