@@ -254,3 +254,45 @@ def test_dual_global_accuracy(tmp_path, name):
     else:                                   # PromptFL's personal model is its global prompt
         assert np.isfinite(r["global_accuracy"]).all()
         np.testing.assert_array_equal(r["global_accuracy"], r["accuracy"])
+
+
+# ----------------------------------------------------------------------------- 1 vs 3 ranks
+
+MPIEXEC = Path(__import__("sys").executable).parent / "mpiexec"
+MPI_SETS = ["model.name=tiny-clip", "model.pretrained=", "data.dataset=synthetic", "data.n_classes=6",
+            "data.n_clients=4", "data.n_train=240", "data.n_test=120", "data.min_size=5", "data.cache_dir=",
+            "rounds=2", "train.local_epochs=1", "train.frac=0.5", "run.threads=1", "prompt.n_ctx=4",
+            "run.progress=false", "eval.protocol=base2novel"]
+
+
+@pytest.fixture(scope="module")
+def mpi_runs(tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+    base = tmp_path_factory.mktemp("b2n_mpi")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = {}
+    for name, extra in (("pfedmoap", ["moe.n_experts=2"]), ("promptfl", [])):
+        for ranks in (0, 3):
+            d = base / f"{name}{ranks}"
+            cmd = [sys.executable, "-m", "pfedmoap.cli", "run", "--out", str(d)]
+            for s in MPI_SETS + [f"algorithm={name}", *extra]:
+                cmd += ["--set", s]
+            cmd = [str(MPIEXEC), "-n", str(ranks), *cmd] if ranks else cmd
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+            assert p.returncode == 0, p.stderr[-3000:]
+            out[name, ranks] = d
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside the venv's python")
+@pytest.mark.parametrize("name", ["pfedmoap", "promptfl"])
+def test_base2novel_identical_on_1_and_3_ranks(mpi_runs, name):
+    one, three = (store.read_results(mpi_runs[name, r])["rounds"] for r in (0, 3))
+    keys = ["accuracy", "base_accuracy", "novel_accuracy", "global_base_accuracy", "global_novel_accuracy"]
+    for k in keys + ["participated", "bytes_up", "bytes_down"]:
+        np.testing.assert_array_equal(one[k], three[k], err_msg=f"{name}: {k}")
+    assert np.isfinite(one["novel_accuracy"]).all()
+    assert np.isfinite(one["global_novel_accuracy"]).all() == (name == "promptfl")
