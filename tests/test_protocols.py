@@ -296,3 +296,31 @@ def test_base2novel_identical_on_1_and_3_ranks(mpi_runs, name):
         np.testing.assert_array_equal(one[k], three[k], err_msg=f"{name}: {k}")
     assert np.isfinite(one["novel_accuracy"]).all()
     assert np.isfinite(one["global_novel_accuracy"]).all() == (name == "promptfl")
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_a_stopped_base2novel_run_resumes_exactly(tmp_path, monkeypatch):
+    sets = [*TINY, "data.dataset=synthetic", "data.n_classes=5", "data.n_train=120", "data.n_test=60",
+            "data.n_clients=3", "algorithm=promptfl", "eval.protocol=base2novel", "rounds=3",
+            "run.checkpoint_every=1"]
+    whole = tmp_path / "whole"
+    federation.Federation(_cfg(*sets), comm.LocalComm()).run(whole, "overwrite")
+    orig = federation.Federation._round
+
+    def stop_after_first(self, r):
+        orig(self, r)
+        federation._stop["requested"] = r == 0
+    monkeypatch.setattr(federation.Federation, "_round", stop_after_first)
+    part = tmp_path / "part"
+    try:
+        assert federation.Federation(_cfg(*sets), comm.LocalComm()).run(part, "overwrite").status == "stopped"
+    finally:
+        federation._stop["requested"] = False
+    monkeypatch.setattr(federation.Federation, "_round", orig)
+    assert federation.Federation(_cfg(*sets), comm.LocalComm()).run(part, "resume").status == "complete"
+    a, b = store.read_results(whole), store.read_results(part)
+    assert list(b["attrs"]["novel_classes"]) == ["pattern 3", "pattern 4"]
+    for k in ("accuracy", "base_accuracy", "novel_accuracy", "global_base_accuracy", "global_novel_accuracy"):
+        assert b["rounds"][k].shape == (3, 3)
+        np.testing.assert_array_equal(a["rounds"][k], b["rounds"][k], err_msg=k)
