@@ -279,3 +279,21 @@ def test_stopped_run_resumes_exactly(traced, tmp_path, monkeypatch):
         np.testing.assert_array_equal(got[k], traced.rounds[k], err_msg=k)
     with h5py.File(out / "checkpoint.h5") as f:
         np.testing.assert_array_equal(f["server/generator"][()], traced.aggregate[-1]["after"])
+
+
+@pytest.mark.parametrize("aggregation", ["samples", "uniform"])
+def test_server_averages_the_networks(tiny_backbone, aggregation):
+    """FedAvg of the uploaded networks, by sample count (default) or the reference's plain mean
+    (`fedtpg.aggregation = "uniform"`, which uploads no count)."""
+    from pfedmoap import algorithms
+    from pfedmoap.algorithms.base import Setup
+    cfg = config.load(None, ["algorithm=fedtpg", f"prompt.n_ctx={N_CTX}", f"fedtpg.aggregation={aggregation}"])
+    enc = PromptEncoder(tiny_backbone, ["a", "b", "c"], N_CTX)
+    m = algorithms.get("fedtpg")(Setup(cfg, 3, enc, tiny_backbone, (N_CTX, WIDTH)))
+    assert [a.name for a in m.arrays().up] == (["generator", "n_samples"] if aggregation == "samples" else ["generator"])
+    server = m.server()
+    rows = np.random.default_rng(0).normal(size=(2, m.generator.size)).astype(np.float32)
+    uploads = {"generator": rows, "n_samples": np.array([[1.0], [3.0]], np.float32)}
+    server.aggregate_fit(0, np.array([0, 2]), uploads)
+    want = rows.mean(0) if aggregation == "uniform" else (rows[0] + 3 * rows[1]) / 4
+    np.testing.assert_allclose(server.generator, want, rtol=1e-6, atol=1e-6)

@@ -11,6 +11,8 @@ from ...errors import PFedMoAPError
 from .. import register
 from ..manifest import Manifest
 
+AGGREGATIONS = ("samples", "uniform")
+
 
 @dataclass
 class FedTPGOptions:
@@ -31,6 +33,9 @@ class FedTPGOptions:
     heads: int = 4
     depth: int = 0
     ff_mult: int = 4
+    # FedAvg weights: "samples" (the participants' training-set sizes, as every FedAvg here; equal
+    # under DP) or "uniform" (federated/server.py Server.train: the plain mean of the participants)
+    aggregation: str = "samples"
 
     def validate(self) -> None:
         def need(ok, msg):
@@ -46,6 +51,8 @@ class FedTPGOptions:
         need(1 <= self.heads <= 1024, f"fedtpg.heads = {self.heads}: expected 1 to 1024")
         need(0 <= self.depth <= 64, f"fedtpg.depth = {self.depth}: expected 0 to 64")
         need(1 <= self.ff_mult <= 64, f"fedtpg.ff_mult = {self.ff_mult}: expected 1 to 64")
+        need(self.aggregation in AGGREGATIONS,
+             f"fedtpg.aggregation = {self.aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
 
 
 register(Manifest("fedtpg", "pfedmoap.algorithms.fedtpg.method:FedTPG", label="FedTPG", order=85, quickstart=True,

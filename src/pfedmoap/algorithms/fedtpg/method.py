@@ -196,7 +196,8 @@ class Server(ServerPart):
 
     def aggregate_fit(self, round_, participants, uploads):
         if len(uploads["generator"]):
-            self.generator = fedavg(uploads["generator"], sample_counts(uploads))
+            counts = sample_counts(uploads) if self.options.aggregation == "samples" else None
+            self.generator = fedavg(uploads["generator"], counts)
 
     def configure_evaluate(self, round_, evaluated):
         return {"global_generator": Broadcast(self.generator, np.asarray(evaluated, bool))}
@@ -275,7 +276,8 @@ class Client(ClientPart):
 
         self.local_train([Group([net], self.recipe_at(round_))], loss, data, round_, cid,
                          epochs=o.local_epochs or None, batch_size=o.batch_size or None)
-        return {"generator": self.upload_prompt(net.detach(), round_, cid), **self.upload_count(data)}
+        counts = self.upload_count(data) if self.options.aggregation == "samples" else {}
+        return {"generator": self.upload_prompt(net.detach(), round_, cid), **counts}
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, state, data, round_, cid, down):
@@ -298,4 +300,5 @@ class FedTPG(Method):
     def arrays(self):
         P = self.generator.size
         g = Array("global_generator", P, broadcast=True)
-        return Arrays(fit_down=(g,), up=(Array("generator", P), *sample_count_array(self.cfg)), eval_down=(g,))
+        counts = sample_count_array(self.cfg) if self.options.aggregation == "samples" else ()
+        return Arrays(fit_down=(g,), up=(Array("generator", P), *counts), eval_down=(g,))
