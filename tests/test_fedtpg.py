@@ -297,3 +297,46 @@ def test_server_averages_the_networks(tiny_backbone, aggregation):
     server.aggregate_fit(0, np.array([0, 2]), uploads)
     want = rows.mean(0) if aggregation == "uniform" else (rows[0] + 3 * rows[1]) / 4
     np.testing.assert_allclose(server.generator, want, rtol=1e-6, atol=1e-6)
+
+
+def test_under_dp_the_whole_network_moves_within_its_sensitivity(tiny_backbone, monkeypatch):
+    """dp.mechanism "gradient": every step's gradient of the whole network is clipped to dp.clip,
+    and the trained upload (no noise) lies within C * S of the zero-gradient trajectory, S from
+    the FedTPG schedule (fedtpg.batch_size, local_epochs, the round's learning rate)."""
+    from pfedmoap import algorithms, dp
+    from pfedmoap.algorithms.base import ClientData, Setup
+    C, R = 0.05, 4
+    cfg = config.load(None, ["algorithm=fedtpg", f"prompt.n_ctx={N_CTX}", f"rounds={R}", "fedtpg.lr=0.5",
+                             "fedtpg.local_epochs=3", "fedtpg.batch_size=8", f"dp.clip={C}", "dp.noise_multiplier=0"])
+    enc = PromptEncoder(tiny_backbone, ["a", "b", "c"], N_CTX)
+    m = algorithms.get("fedtpg")(Setup(cfg, 2, enc, tiny_backbone, (N_CTX, WIDTH)))
+    client = m.client()
+    g = torch.Generator().manual_seed(0)
+    n = 21                                   # 2 full batches of 8 per epoch, the last 5 dropped
+    data = ClientData(F.normalize(torch.randn(n, EMBED, generator=g), dim=-1), torch.randint(3, (n,), generator=g),
+                      torch.zeros(0, EMBED), torch.zeros(0, dtype=torch.long))
+    start = m.server().generator
+    clipped, clip = [], dp.clip_gradient_
+
+    def spy(grad, c):
+        assert grad.shape == (m.generator.size,)          # the whole network's gradient
+        before = float(grad.norm())
+        clip(grad, c)
+        clipped.append((before, float(grad.norm())))
+    monkeypatch.setattr(dp, "clip_gradient_", spy)
+    round_ = 1
+    lrs = client.step_lrs(n, round_)
+    assert lrs == [cosine_lr(0.5, round_, R)] * 6
+    up = client.fit(client.init_state(0), data, round_, 0, {"global_generator": start})["generator"]
+    assert len(clipped) == len(lrs) and any(b > C for b, _ in clipped)
+    assert all(a <= C * (1 + 1e-5) for _, a in clipped)
+    # the zero-gradient trajectory: SGD with momentum and weight decay only
+    p, buf = torch.from_numpy(start).double(), None
+    for lr in lrs:
+        d = 1e-5 * p
+        buf = d if buf is None else 0.9 * buf + d
+        p = p - lr * buf
+    moved = float((torch.from_numpy(up).double() - p).norm())
+    S = dp.gradient_sensitivity(lrs, 0.9, 1e-5)
+    assert 0 < moved <= C * S * (1 + 1e-4)
+    assert client.upload_sensitivity(n) == pytest.approx(dp.gradient_sensitivity(client.step_lrs(n, 0), 0.9, 1e-5))
