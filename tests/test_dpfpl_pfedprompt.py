@@ -130,6 +130,31 @@ def test_dpfpl_local_step_is_the_projected_clipped_noisy_low_rank_gradient(tiny_
     torch.testing.assert_close(state.ctx, g0 - lr * (g.grad + wd * g0), atol=1e-6, rtol=1e-5)
 
 
+def test_dpfpl_global_prompt_stays_within_the_gradient_mechanisms_sensitivity(tiny_backbone):
+    """dp.mechanism "gradient" on DP-FPL: the uploaded global prompt's per-step gradients are
+    clipped to dp.clip, so it lies within C * S of the zero-gradient trajectory, S from DP-FPL's own
+    recipe (dpfpl.lr, constant); the local prompt's DP is separate and does not loosen it."""
+    C = 0.05
+    method, cfg = _setup(tiny_backbone, "dpfpl", f"dp.clip={C}", "dp.noise_multiplier=0", "dpfpl.lr=0.5",
+                         "train.local_epochs=3")
+    client = method.client()
+    n = 21                                   # 2 full batches of 8 per epoch
+    state, data = client.init_state(0), _data(n=n)
+    start = state.ctx.clone()
+    client.fit(state, data, 0, 0, {})
+    lrs = client.step_lrs(n)
+    assert lrs == [0.5] * 6 and float(state.steps[0]) == 6
+    t = cfg.train
+    null = start.clone().requires_grad_(True)
+    opt = torch.optim.SGD([null], lr=0.5, momentum=t.momentum, weight_decay=t.weight_decay)
+    for _ in lrs:
+        null.grad = torch.zeros_like(null)
+        opt.step()
+    moved = float((state.ctx - null.detach()).norm())
+    S = dp.gradient_sensitivity(lrs, t.momentum, t.weight_decay)
+    assert 0 < moved <= C * S * (1 + 1e-4)
+
+
 def test_dpfpl_without_local_dp_logs_no_epsilon_and_adds_no_noise(tiny_backbone):
     method, cfg = _setup(tiny_backbone, "dpfpl", "dpfpl.noise=0")
     client = method.client()
