@@ -351,3 +351,24 @@ def test_stop_and_resume_is_exact(traced, tmp_path, name):
         np.testing.assert_array_equal(got[k], traced[name].rounds[k], err_msg=k)
     for k in traced[name].ckpt:
         np.testing.assert_array_equal(ckpt[k], traced[name].ckpt[k], err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["fedpgp", "promptfolio"])
+def test_dp_gradient_clipping_covers_the_global_prompt_only(tiny_backbone, name):
+    """dp.mechanism "gradient": every step clips the gradient of the rows that are uploaded (the
+    global prompt), not of the personal part (U V; the local prompt), which never leaves."""
+    from pfedmoap.algorithms.training import Group, Recipe
+    client = _client(name, tiny_backbone, "dp.clip=0.5", "dp.noise_multiplier=1")
+    g = torch.Generator().manual_seed(0)
+    if name == "fedpgp":
+        params = [torch.zeros(N_CTX, W), torch.zeros(N_CTX, RANK), torch.zeros(RANK, W)]
+    else:
+        params = [torch.zeros(2, N_CTX, W)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 10
+    personal = [p.grad.clone() for p in params[1:]] or [params[0].grad[1].clone()]
+    client.after_backward([Group(params, Recipe.from_train(client.cfg.train))])
+    glob = params[0].grad if name == "fedpgp" else params[0].grad[0]
+    assert float(glob.norm()) == pytest.approx(0.5, rel=1e-5)                # clipped to dp.clip
+    kept = [p.grad for p in params[1:]] or [params[0].grad[1]]
+    assert all(torch.equal(a, b) for a, b in zip(kept, personal))          # the personal part is not
