@@ -11,8 +11,9 @@ from ..manifest import Manifest
 
 @dataclass
 class FedPGPOptions:
-    # Defaults from the authors' code (github.com/TianyuCuiOvO/FedPGP): scripts/plot_basetonew_base.sh
-    # (the FedPGP run: BOTTLENECK=8, MU=0.5, TEMP=0.5) and scripts/plot_ours_cifar10.sh (the same three);
+    # Defaults from the authors' code (github.com/TianyuCuiOvO/FedPGP): scripts/plot_basetonew_base.sh,
+    # the repository's one script (MODEL=FedPGP: BOTTLENECK=8, MU=0.5, TEMP=0.5); its earlier
+    # scripts/plot_ours_cifar10.sh (commit ba16025, model then named "reparaFL") ran the same three.
     # federated_main.py's argparse defaults differ (--bottleneck 4, --mu 1) and are not what the
     # scripts run. The optimiser (SGD at 0.001, no warm-up or decay) is the overlay paper/methods/fedpgp.
     rank: int = 8                 # r, the "bottleneck": the personal term is U (n_ctx, r) @ V (r, W)
