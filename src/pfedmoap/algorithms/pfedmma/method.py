@@ -163,15 +163,13 @@ class Client(ClientPart):
             j = tower.depth - 1 - i                     # depth below the top
             if j >= tower.k:
                 return x_out
-            r, sh = rows[j], shared[j]
-            a = 0
-            down_w, down_b = r[a:a + d * W].view(d, W), r[a + d * W:a + d * W + d]
-            a += d * W + d
-            up_w, up_b = r[a:a + W * d].view(W, d), r[a + W * d:]
             y = block.ln_1(gradient_scale(x_in, s))
-            y = F.relu(F.linear(y, down_w.to(y.dtype), down_b.to(y.dtype)))
-            y = F.relu(F.linear(y, sh[:d * d].view(d, d).to(y.dtype), sh[d * d:].to(y.dtype)))
-            y = F.linear(y, up_w.to(y.dtype), up_b.to(y.dtype)) * s
+            r, sh = rows[j].to(y.device, y.dtype), shared[j].to(y.device, y.dtype)   # the state lives on the CPU
+            a = d * W + d
+            down_w, down_b, up_w, up_b = r[:d * W].view(d, W), r[d * W:a], r[a:a + W * d].view(W, d), r[a + W * d:]
+            y = F.relu(F.linear(y, down_w, down_b))
+            y = F.relu(F.linear(y, sh[:d * d].view(d, d), sh[d * d:]))
+            y = F.linear(y, up_w, up_b) * s
             return x_out + gradient_scale(y, 1.0 / s)
         return add
 
