@@ -65,17 +65,13 @@ class Tower:
     depth: int
     k: int
 
-    def row_size(self, dim: int) -> int:
-        """down (dim, W) + its bias, up (W, dim) + its bias, per adapted block."""
-        return 2 * dim * self.width + dim + self.width
-
 
 @dataclass
 class State:
     """A client's adapters, one row per adapted block, counted from the top (row 0: the last block)."""
     shared: torch.Tensor        # (S, dim*dim + dim): the shared projections, the only part that travels
-    text: torch.Tensor          # (k_text, row_size): the text tower's down and up projections
-    image: torch.Tensor         # (k_image, row_size): the image tower's
+    text: torch.Tensor          # (k_text, 2*dim*W + dim + W): the text tower's down (dim, W) and up (W, dim), with biases
+    image: torch.Tensor         # (k_image, ...): the image tower's, likewise
 
 
 class Server(ServerPart):
