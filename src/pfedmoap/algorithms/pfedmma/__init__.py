@@ -34,6 +34,6 @@ class PFedMMAOptions:
         need(bool(self.text.strip()), f"pfedmma.text = {self.text!r}: expected words (e.g. 'a photo of a')")
 
 
-register(Manifest("pfedmma", "pfedmoap.algorithms.pfedmma.method:PFedMMA", label="pFedMMA", order=100,
+register(Manifest("pfedmma", "pfedmoap.algorithms.pfedmma.method:PFedMMA", label="pFedMMA", order=105,
                   section="pfedmma", options=PFedMMAOptions, data=DataNeeds(images=True),
                   summary="multi-modal adapters in both towers; only their shared projection is FedAvg'd"))
