@@ -329,15 +329,17 @@ class ClientPart:
             dp.clip_gradient_(groups[0].params[0].grad[self.released_rows()], clip)
 
     def local_train(self, groups: list[Group], loss, data: ClientData, round_: int, cid: int, *,
-                    purpose: str = "batches", epochs: int | None = None, inputs=None, penalty=None) -> float:
+                    purpose: str = "batches", epochs: int | None = None, inputs=None, penalty=None,
+                    batch_size: int | None = None) -> float:
         """training.train for one client: its batches drawn by (seed, `purpose`, round, client) from
         `inputs(epoch, gen)` (default: its training features, augmented as data.augment says),
-        `epochs` local epochs (default train.local_epochs). Returns the mean loss."""
+        `epochs` local epochs (default train.local_epochs), batches of `batch_size` (default
+        train.batch_size). Returns the mean loss."""
         t = self.cfg.train
         self._purpose = purpose             # after_backward clips the round's training only
         gen = rng.torch_generator(self.cfg.seed, purpose, round_, cid)
         inputs = inputs or (lambda epoch, g: data.train_features(round_, epoch, g))
-        return training.train(groups, loss, training.Batches(data.train_y, inputs, t.batch_size, gen),
+        return training.train(groups, loss, training.Batches(data.train_y, inputs, batch_size or t.batch_size, gen),
                               epochs or t.local_epochs, penalty=penalty, after_backward=self.after_backward,
                               where=f"round {round_ + 1}, client {cid}")
 
