@@ -94,8 +94,11 @@ class Build:
                 idx, x, dense = None, self._split_features(ds, "test", None, np.arange(n)), None
             if idx is not None and len(idx) != n:     # only the rows of this rank's clients: not a set
                 raise RuntimeError("protocol set features incomplete")
+            # a method training inside the image tower (DataNeeds.images) scores the set's images
+            images = (feature_cache.ClientImages(self.backbone, ds, np.zeros(0, np.int64), np.arange(n),
+                                                 self.cfg.seed, device=dev) if self.manifest.data.images else None)
             data[i] = (torch.from_numpy(np.ascontiguousarray(x)).to(dev), torch.from_numpy(ds.test.labels).to(dev),
-                       None if dense is None else torch.from_numpy(dense).to(dev))
+                       None if dense is None else torch.from_numpy(dense).to(dev), images)
             if not s.same_classes:
                 encoders[i] = PromptEncoder(self.backbone, ds.classnames, self.encoder.n_ctx,
                                             truncate=m.truncate_eos, shared_prefix=m.shared_prefix)
