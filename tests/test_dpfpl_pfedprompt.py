@@ -293,3 +293,18 @@ def test_stop_and_resume_is_exact(runs, method, tmp_path):
         np.testing.assert_array_equal(got["rounds"][k], ref["rounds"][k], err_msg=k)
     for k in ("state", "global"):
         np.testing.assert_array_equal(cg[k], cr[k], err_msg=k)
+
+
+def test_pfedprompt_memory_labels_follow_the_class_names():
+    """Under other class names (base-to-novel's Novel, a cross-dataset target) the memory's labels
+    are matched by name: a training class that is not evaluated adds nothing, a shared name keeps
+    its memory under its new index."""
+    from types import SimpleNamespace
+    from pfedmoap.algorithms.pfedprompt.method import Client
+    part = Client.__new__(Client)
+    part.train_encoder = SimpleNamespace(classnames=["zero", "one", "two"])
+    part.encoder = SimpleNamespace(classnames=["five", "two", "six"])
+    labels = part._memory_labels(torch.tensor([0, 1, 2, 2]))
+    assert labels.tolist() == [3, 3, 1, 1]       # 3 = C: adds nothing
+    part.encoder = part.train_encoder
+    assert part._memory_labels(torch.tensor([2, 0])).tolist() == [2, 0]

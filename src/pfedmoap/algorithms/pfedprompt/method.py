@@ -40,7 +40,7 @@ class Client(PromptFLClient):
             with torch.no_grad():
                 self._global_text = (round_, self.encoder(self.prompt(down["global_prompt"])))
         text, o = self._global_text[1], self.options
-        keys, labels = data.train_x, data.train_y
+        keys, labels = data.train_x, self._memory_labels(data.train_y)
 
         def logits(x):
             out = self.logit_scale * x @ text.t()
@@ -48,6 +48,18 @@ class Client(PromptFLClient):
                 out = out + o.alpha * memory_logits(x, keys, labels, text.shape[0], o.beta)
             return out, None
         return self.score(data, logits)
+
+    def _memory_labels(self, train_y: torch.Tensor) -> torch.Tensor:
+        """The memory's labels as indices of the evaluated class names (`self.encoder`; another
+        class set under base2novel's Novel or cross_dataset): a class of the training names that
+        is not among them gets index C, which adds nothing (memory_logits)."""
+        names = list(self.encoder.classnames)
+        trained = list(self.train_encoder.classnames)
+        if trained == names:
+            return train_y
+        where = {n: i for i, n in enumerate(names)}
+        lookup = torch.tensor([where.get(n, len(names)) for n in trained], dtype=torch.long, device=train_y.device)
+        return lookup[train_y]
 
     def evaluate_global(self, state, data, round_, cid, down) -> EvalResult:
         """The global prompt alone (as PromptFL's evaluation)."""
