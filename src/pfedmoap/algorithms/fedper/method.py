@@ -47,6 +47,8 @@ class Server(ServerPart):
         self.shared = fedavg(uploads["shared"], sample_counts(uploads))
 
     def configure_evaluate(self, round_, evaluated):
+        if self.shared is None:             # no upload has arrived yet (train.drop_rate)
+            return {}
         return {"global_shared": Broadcast(self.shared, np.ones(self.n_clients, bool))}
 
     def state_dict(self):
@@ -78,7 +80,10 @@ class Client(ClientPart):
 
     def evaluate(self, state, data, round_, cid, down):
         with torch.no_grad():
-            text = self.encoder(self.with_shared(state.ctx, down["global_shared"]))
+            # no upload arrived yet (train.drop_rate): the common initial shared rows
+            shared = down["global_shared"] if "global_shared" in down else \
+                self.init_state(cid).ctx[:self.method.n_shared].numpy()
+            text = self.encoder(self.with_shared(state.ctx, shared))
         return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
 
 

@@ -101,7 +101,7 @@ class Server(ServerPart):
         if self.m.participation == "paper":
             everyone = np.arange(self.n_clients)
             never = ~self.in_pool
-            if never.any():
+            if never.any() and self.global_prompt is not None:   # None: no upload arrived yet (drop-out)
                 out["eval_prompt"] = Broadcast(self.global_prompt, never)
             if self.E:
                 late = everyone[~self._routed & self.gate_trained]     # routed on the updated pool
