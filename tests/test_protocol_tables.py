@@ -227,12 +227,15 @@ def test_packaged_leave_one_domain_out_tables_hold_out_each_domain(name, domains
     t = tables.get(name)
     assert t.layout == "held_out" and [c.key for c in t.columns] == list(domains)
     base = tables.get(name.removeprefix("lodo_"))
+    n = 5 * (len(domains) - 1)              # 5 clients on each training domain, as the domain tables
     for column in t.columns:
         assert column.config == base.columns[0].config
-        assert column.sets == ("eval.protocol=leave_one_domain_out", f"eval.held_out={column.key}")
+        assert column.sets == ("eval.protocol=leave_one_domain_out", f"eval.held_out={column.key}",
+                               f"data.n_clients={n}")
     if not HAS_PROTOCOL_KEYS:
         pytest.skip("eval.held_out comes with the protocols branch")
     for spec in t.runs():
         if spec.seed == 1:
             cfg = spec.config("OUT")
             assert cfg.eval.protocol == "leave_one_domain_out" and cfg.eval.held_out == spec.column.key
+            assert cfg.data.clients_per_domain == 5 and cfg.data.n_clients == n
