@@ -58,15 +58,15 @@ class PromptFLClient(ClientPart):
     def penalty(self, down):
         return None
 
-    def global_ctx(self, down, cid) -> torch.Tensor:
+    def global_ctx(self, down) -> torch.Tensor:
         """The downloaded global prompt; while no upload has arrived yet (every participant so far
-        dropped out, train.drop_rate) the common initial prompt, the server's model until then."""
-        return self.prompt(down["global_prompt"]) if "global_prompt" in down else self.init_state(cid).ctx
+        dropped out, train.drop_rate) the initial prompt every client shares, the server's model until then."""
+        return self.prompt(down["global_prompt"]) if "global_prompt" in down else self.init_state(0).ctx
 
     def evaluate(self, state, data, round_, cid, down):
         if self._global_text is None or self._global_text[0] != round_:     # once per rank and round
             with torch.no_grad():
-                self._global_text = (round_, self.encoder(self.global_ctx(down, cid)))
+                self._global_text = (round_, self.encoder(self.global_ctx(down)))
         text = self._global_text[1]
         return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
 
