@@ -41,6 +41,10 @@ class Client(PromptFLClient):
         self.train_prompt(copy, data, round_, cid, purpose="finetune", epochs=self.epochs())
         return copy.ctx
 
+    def evaluate_global(self, state, data, round_, cid, down):
+        """The global model: the global prompt before any fine-tuning (PromptFL's)."""
+        return self.with_global_prompt(data, round_, down)
+
     def evaluate(self, state, data, round_, cid, down):
         ctx = self.finetune(self.global_ctx(down), data, round_, cid)
         with torch.no_grad():
