@@ -30,9 +30,8 @@ class PromptFLServer(ServerPart):
         self.global_prompt = fedavg(uploads["prompt"], sample_counts(uploads))
 
     def configure_evaluate(self, round_, evaluated):
-        if self.global_prompt is None:      # no upload has arrived yet (train.drop_rate)
-            return {}
-        return {"global_prompt": Broadcast(self.global_prompt, np.ones(self.n_clients, bool))}
+        g = self.initial_prompt() if self.global_prompt is None else self.global_prompt   # None: nothing arrived yet
+        return {"global_prompt": Broadcast(g, np.ones(self.n_clients, bool))}
 
     def state_dict(self):
         return {"global_prompt": np.zeros(0, np.float32) if self.global_prompt is None else self.global_prompt}
@@ -58,11 +57,6 @@ class PromptFLClient(ClientPart):
     def penalty(self, down):
         return None
 
-    def global_ctx(self, down) -> torch.Tensor:
-        """The downloaded global prompt; while no upload has arrived yet (every participant so far
-        dropped out, train.drop_rate) the initial prompt every client shares, the server's model until then."""
-        return self.prompt(down["global_prompt"]) if "global_prompt" in down else self.init_state(0).ctx
-
     def evaluate(self, state, data, round_, cid, down):
         return self.with_global_prompt(data, round_, down)
 
@@ -73,7 +67,7 @@ class PromptFLClient(ClientPart):
     def with_global_prompt(self, data, round_, down):
         if self._global_text is None or self._global_text[0] != round_:     # once per rank and round
             with torch.no_grad():
-                self._global_text = (round_, self.encoder(self.global_ctx(down)))
+                self._global_text = (round_, self.encoder(self.prompt(down["global_prompt"])))
         text = self._global_text[1]
         return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
 

@@ -121,11 +121,10 @@ class Client(ClientPart):
         return loss
 
     def evaluate(self, state: State, data, round_, cid, down):
+        g = down["global_prompt"]
         if self._global is None or self._global[0] != round_:        # once per rank and round
-            # no upload arrived yet (train.drop_rate): the common initial global prompt
-            g = self.prompt(down["global_prompt"]) if "global_prompt" in down else self.init_state(cid).ctx
             with torch.no_grad():
-                self._global = (round_, self.encoder(g))
+                self._global = (round_, self.encoder(self.prompt(g)))
         if cid not in self._local:
             with torch.no_grad():
                 self._local[cid] = self.encoder(state.local)

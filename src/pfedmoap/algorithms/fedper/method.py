@@ -47,9 +47,10 @@ class Server(ServerPart):
         self.shared = fedavg(uploads["shared"], sample_counts(uploads))
 
     def configure_evaluate(self, round_, evaluated):
-        if self.shared is None:             # no upload has arrived yet (train.drop_rate)
-            return {}
-        return {"global_shared": Broadcast(self.shared, np.ones(self.n_clients, bool))}
+        # nothing arrived yet (train.drop_rate): the shared rows of the initial prompt
+        shared = self.initial_prompt()[:self.method.n_shared * self.method.setup.ctx_shape[1]] \
+            if self.shared is None else self.shared
+        return {"global_shared": Broadcast(shared, np.ones(self.n_clients, bool))}
 
     def state_dict(self):
         return {"shared": np.zeros(0, np.float32) if self.shared is None else self.shared}
@@ -80,10 +81,7 @@ class Client(ClientPart):
 
     def evaluate(self, state, data, round_, cid, down):
         with torch.no_grad():
-            # no upload arrived yet (train.drop_rate): the common initial shared rows
-            shared = down["global_shared"] if "global_shared" in down else \
-                self.init_state(cid).ctx[:self.method.n_shared].numpy()
-            text = self.encoder(self.with_shared(state.ctx, shared))
+            text = self.encoder(self.with_shared(state.ctx, down["global_shared"]))
         return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
 
 

@@ -46,7 +46,7 @@ class Client(PromptFLClient):
         return self.with_global_prompt(data, round_, down)
 
     def evaluate(self, state, data, round_, cid, down):
-        ctx = self.finetune(self.global_ctx(down), data, round_, cid)
+        ctx = self.finetune(self.prompt(down["global_prompt"]), data, round_, cid)
         with torch.no_grad():
             text = self.encoder(ctx)
         return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
