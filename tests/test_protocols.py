@@ -79,7 +79,7 @@ def test_base_novel_split_and_scores_by_hand():
     setup = Setup(cfg=None, n_clients=1, encoder=enc(p.train.classnames), backbone=None, ctx_shape=(1, 1))
     _Method.made = []
     method = _Method(setup)
-    data = {i: (torch.zeros(len(s.dataset.test), 2), torch.from_numpy(s.dataset.test.labels), None)
+    data = {i: (torch.zeros(len(s.dataset.test), 2), torch.from_numpy(s.dataset.test.labels), None, None)
             for i, s in enumerate(p.sets)}
     ev = protocols.Evaluator(p, method, {1: enc(novel.classnames)}, data)
     ev.begin_round(0, [{}, {}])
@@ -233,7 +233,7 @@ def test_cross_dataset_scores_with_the_target_class_names(tmp_path, monkeypatch)
     fed = federation.Federation(cfg, comm.LocalComm())
     fed.run(tmp_path, "overwrite")
     assert made == [(0, ["pattern 0", "pattern 1", "pattern 2"], digits.CLASSNAMES)]
-    x, y, _ = fed.build.evaluator.data[0]
+    x, y, _, _ = fed.build.evaluator.data[0]
     assert len(y) == 30 and set(y.tolist()) == {0, 1, 2}
     rd = store.read_results(tmp_path)
     assert list(rd["attrs"]["eval_targets"]) == ["synthetic"]
@@ -324,3 +324,15 @@ def test_a_stopped_base2novel_run_resumes_exactly(tmp_path, monkeypatch):
     for k in ("accuracy", "base_accuracy", "novel_accuracy", "global_base_accuracy", "global_novel_accuracy"):
         assert b["rounds"][k].shape == (3, 3)
         np.testing.assert_array_equal(a["rounds"][k], b["rounds"][k], err_msg=k)
+
+
+def test_a_method_training_the_image_tower_scores_the_novel_images(tmp_path):
+    """pfedmma (DataNeeds.images) reads the test images themselves: under base2novel its Novel
+    score comes from the novel-class images, handed to it beside their features."""
+    cfg = _cfg(*DIGITS, "algorithm=pfedmma", "data.n_clients=2", "eval.protocol=base2novel")
+    fed = federation.Federation(cfg, comm.LocalComm())
+    fed.run(tmp_path, "overwrite")
+    _, y, _, images = fed.build.evaluator.data[1]
+    assert images is not None and len(images.test) == len(y) > 0
+    novel = store.read_results(tmp_path)["rounds"]["novel_accuracy"][-1]
+    assert np.isfinite(novel).all() and (novel > 0).all()

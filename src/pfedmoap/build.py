@@ -94,8 +94,11 @@ class Build:
                 idx, x, dense = None, self._split_features(ds, "test", None, np.arange(n)), None
             if idx is not None and len(idx) != n:     # only the rows of this rank's clients: not a set
                 raise RuntimeError("protocol set features incomplete")
+            # a method training inside the image tower (DataNeeds.images) scores the set's images
+            images = (feature_cache.ClientImages(self.backbone, ds, np.zeros(0, np.int64), np.arange(n),
+                                                 self.cfg.seed, device=dev) if self.manifest.data.images else None)
             data[i] = (torch.from_numpy(np.ascontiguousarray(x)).to(dev), torch.from_numpy(ds.test.labels).to(dev),
-                       None if dense is None else torch.from_numpy(dense).to(dev))
+                       None if dense is None else torch.from_numpy(dense).to(dev), images)
             if not s.same_classes:
                 encoders[i] = PromptEncoder(self.backbone, ds.classnames, self.encoder.n_ctx,
                                             truncate=m.truncate_eos, shared_prefix=m.shared_prefix)
@@ -160,6 +163,8 @@ class Build:
     def _client_data(self) -> dict[int, ClientData]:
         if self.dense:
             return self._dense_client_data()
+        if self.manifest.data.images:
+            return self._image_client_data()
         d = self.cfg.data
         feats = self._image_features()
         dev = self.backbone.device
@@ -174,6 +179,25 @@ class Build:
                 torch.from_numpy(np.stack([feats[f"view{v}"][tr] for v in range(views)])).to(dev)
                 if views else None,
                 fresh_views=self.fresh.for_client(int(c)) if self.fresh is not None else None)
+        return out
+
+    def _image_client_data(self) -> dict[int, ClientData]:
+        """DataNeeds.images (a method training inside the image tower): each hosted client's images
+        (feature_cache.ClientImages; training views made per epoch as data.augment says, no
+        augmented features computed) beside its clean frozen features (this rank's images only)."""
+        d, dev = self.cfg.data, self.backbone.device
+        feats = {}
+        for split in ("train", "test"):
+            idx = np.concatenate([getattr(self.partition, split)[c] for c in self.mine] + [np.zeros(0, np.int64)])
+            feats[split] = feature_cache.compute(self.backbone, getattr(self.dataset, split), idx)
+        out = {}
+        for c in self.mine:
+            tr, te = self.partition.train[c], self.partition.test[c]
+            out[int(c)] = ClientData(
+                torch.from_numpy(feats["train"][tr]).to(dev), torch.from_numpy(self.dataset.train.labels[tr]).to(dev),
+                torch.from_numpy(feats["test"][te]).to(dev), torch.from_numpy(self.dataset.test.labels[te]).to(dev),
+                images=feature_cache.ClientImages(self.backbone, self.dataset, tr, te, self.cfg.seed,
+                                                  d.augment_mode, d.augment_views, dev))
         return out
 
     def _fresh_views(self) -> feature_cache.FreshViews:

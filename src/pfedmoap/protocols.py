@@ -191,7 +191,7 @@ class Evaluator:
     def __init__(self, protocol: Protocol, method, encoders: dict[int, object], data: dict[int, tuple]):
         self.protocol, self.method = protocol, method
         self.encoders = encoders          # set index -> PromptEncoder of its class names
-        self.data = data                  # set index -> (test_x, test_y, test_dense or None)
+        self.data = data                  # set index -> (test_x, test_y, test_dense or None, ClientImages or None)
         self._round, self._parts = None, {}
 
     def begin_round(self, round_: int, downloads: list[dict]) -> None:
@@ -216,8 +216,9 @@ class Evaluator:
             if s is None:
                 sdatas = datas
             else:
-                x, y, dense = self.data[s]
-                sdatas = [dataclasses.replace(d, test_x=x, test_y=y, test_dense=dense) for d in datas]
+                x, y, dense, images = self.data[s]
+                more = {} if images is None else {"images": images}
+                sdatas = [dataclasses.replace(d, test_x=x, test_y=y, test_dense=dense, **more) for d in datas]
             for j, c in enumerate(cols):
                 if c.set != s:
                     continue

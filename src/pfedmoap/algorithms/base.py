@@ -90,6 +90,9 @@ class ClientData:
     # data.augment = "fresh": (round, local epoch) -> (n, D), a new view of every image, precomputed
     # outside the training step (data/features.py FreshViews)
     fresh_views: Callable[[int, int], torch.Tensor] | None = None
+    # DataNeeds.images: the client's images for the image tower (data/features.py ClientImages):
+    # `.test` (n_test, 3, H, W) and `.train(round, epoch, gen)` (n, 3, H, W), augmented as data.augment says
+    images: object | None = None
 
     def train_features(self, round_: int, epoch: int, gen: torch.Generator | None = None) -> torch.Tensor:
         """(n, D): the training features of local epoch `epoch` of round `round_`: the clean ones
