@@ -109,8 +109,9 @@ class Build:
         the ε planned by the end of each round (docs/privacy.md).
 
         Client-level accounting (dp.py: Poisson-subsampled Gaussian, RDP), each round at the rate
-        the method's server samples it: participants(r) / N, asked of a fresh server object (a pure
-        function of the seed and the round), e.g. FedOTP's round 0 trains every client. The noise is
+        the method's server samples it, less the uploads that drop out (train.drop_rate): arrived(r) / N,
+        the participants asked of a fresh server object (a pure function of the seed and the round,
+        as the drop-outs are), e.g. FedOTP's round 0 trains every client. The noise is
         solved from dp.epsilon when given. `dp_spent` records what the rounds actually spend."""
         d, setup = self.cfg.dp, self.method.setup
         self.dp_noise, self.dp_epsilon, self.dp_sensitivity, self.dp_accountant = 0.0, None, 0.0, None
@@ -119,7 +120,7 @@ class Build:
         server = self.method.server()
         # a method that uploads nothing (local, zeroshot) releases nothing: rate 0, ε 0
         self.dp_releases = bool(self.method.arrays().up)
-        self.dp_rates = np.array([len(server.participants(r)) / self.N * self.dp_releases
+        self.dp_rates = np.array([self.released(r, server.participants(r)) / self.N * self.dp_releases
                                   for r in range(self.manifest.rounds_for(self.cfg))])
         sigma = d.noise_multiplier
         if d.epsilon > 0 and self.dp_releases:
@@ -142,8 +143,14 @@ class Build:
         self.dp_accountant = dp.Accountant(sigma, d.delta, dp.ORDERS)
         self.dp_epsilon = self.dp_accountant.curve(self.dp_rates)
 
+    def released(self, round_: int, participants: np.ndarray) -> int:
+        """How many of the round's participants release an upload: those whose upload arrives
+        (train.drop_rate; a dropped upload is never seen, so it spends no privacy)."""
+        t = self.cfg.train
+        return len(participants) - int(rng.dropped(self.cfg.seed, round_, participants, t.drop_rate, self.N).sum())
+
     def dp_spent(self, round_: int, n_participants: int) -> float:
-        """ε spent by the end of `round_`, with `n_participants` clients having trained in it (the
+        """ε spent by the end of `round_`, with `n_participants` clients' uploads released in it (the
         rounds before it as they ran, or as planned before a resume: participants(r) is a pure
         function of the seed and r); NaN without DP."""
         if self.dp_epsilon is None:

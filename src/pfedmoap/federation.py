@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import comm as comm_mod, dp, store
+from . import comm as comm_mod, dp, rng, store
 from .build import Build
 from .config import Config, from_toml, recorded_run_hash, run_hash
 from .errors import PFedMoAPError
@@ -210,6 +210,9 @@ class Federation:
             part[timed("server", self.server.participants, r)] = 1
         is_part = timed("comm", self.comm.bcast, part).astype(bool)
         participants = np.flatnonzero(is_part)
+        # drop-out: a participant trains, but its upload never arrives (the same draw on every rank)
+        dropped = rng.dropped(self.cfg.seed, r, participants, self.cfg.train.drop_rate, N)
+        arrived = participants[~dropped[participants]]
         evaluated = evaluated_clients(self.cfg, r, self.rounds, is_part)      # the same on every rank
         everyone = bool(evaluated.all())
 
@@ -229,15 +232,18 @@ class Federation:
                                         block, [down[c] for c in block])
             for c, up in zip(block, ups, strict=True):
                 _check_finite(r, c, up, "upload")
-                uploads[c] = up
+                if not dropped[c]:
+                    uploads[c] = up
             bar.update(len(block))
         phase["train"] += time.perf_counter() - t
 
-        # up: one Gatherv per declared array; the server turns them into its next state
-        got, bytes_up = timed("comm", self.transport.up, A.up, participants, uploads)
+        # up: one Gatherv per declared array, of the uploads that arrive; the server turns them into
+        # its next state (nothing arrived: it keeps the state it has)
+        got, bytes_up = timed("comm", self.transport.up, A.up, arrived, uploads)
         eval_payload = None
         if self.root:
-            timed("server", self.server.aggregate_fit, r, participants, got)
+            if len(arrived):
+                timed("server", self.server.aggregate_fit, r, arrived, got)
             eval_payload = timed("server", self._configure_evaluate, r, evaluated)
         eval_down, eval_bytes = timed("comm", self.transport.down, A.eval_down, eval_payload)
         timed("prepare", self.client.prepare, r, eval_down)
@@ -302,8 +308,8 @@ class Federation:
             accuracy=metrics[:, 0], macro_f1=metrics[:, 1], loss=metrics[:, 2], participated=is_part,
             domain_accuracy=metrics[:, 3:3 + n_dom], bytes_up=bytes_up, bytes_down=bytes_down + eval_bytes,
             phase_time=phases.reshape(self.comm.size, len(PHASES)), wall_time=time.perf_counter() - t_round,
-            dp_epsilon=self.build.dp_spent(r, len(participants)), logs=logs,
-            evaluated=evaluated))
+            dp_epsilon=self.build.dp_spent(r, len(arrived)), logs=logs,
+            evaluated=evaluated, dropped=dropped))
         self._line = store.round_line(r, self.rounds, metrics[:, 0], len(participants), int(evaluated.sum()), N,
                                       time.perf_counter() - t_round, digits=1)      # printed once committed
         slowest = phases.reshape(self.comm.size, len(PHASES)).max(0)

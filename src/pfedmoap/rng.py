@@ -22,3 +22,13 @@ def numpy_rng(seed: int, purpose: str, round_: int = 0, client: int = 0) -> np.r
 def torch_generator(seed: int, purpose: str, round_: int = 0, client: int = 0) -> "torch.Generator":
     import torch        # here: the light modules that key numpy draws (router, partition) need no torch
     return torch.Generator().manual_seed(key(seed, purpose, round_, client))
+
+
+def dropped(seed: int, round_: int, participants, rate: float, n: int) -> np.ndarray:
+    """(n,) bool: the round's participants whose upload does not arrive (train.drop_rate), each
+    independently with probability `rate`, keyed by (seed, "drop", round, client); no draw at rate 0."""
+    out = np.zeros(n, bool)
+    if rate > 0:
+        for c in participants:
+            out[int(c)] = numpy_rng(seed, "drop", round_, int(c)).random() < rate
+    return out

@@ -43,6 +43,8 @@ ROUND_FIELDS = {
     "macro_f1": Field(np.float32, "fraction", "macro-F1 on the client's own test split"),
     "loss": Field(np.float32, "nats", "mean cross-entropy on the client's own test split"),
     "participated": Field(np.bool_, "bool", "the client trained in this round (1) or not (0)"),
+    "dropped": Field(np.bool_, "bool", "the client trained in this round but its upload did not arrive "
+                     "(train.drop_rate; 0 everywhere in files before it)"),
     "evaluated": Field(np.bool_, "bool", "the client was evaluated this round (1); where 0 its accuracy, "
                        "macro_f1, loss, domain_accuracy and client-side logs are NaN (run.eval_every, "
                        "run.eval_clients)"),
@@ -82,6 +84,7 @@ class RoundRecord:
     dp_epsilon: float = float("nan")
     logs: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (N, *shape)
     evaluated: np.ndarray | None = None  # (N,) bool; None: every client
+    dropped: np.ndarray | None = None    # (N,) bool; None: no upload lost
 
 
 def library_versions() -> str:
@@ -335,6 +338,8 @@ class Results:
             raise ValueError(f"round logs {sorted(record.logs)} != declared {sorted(self.log_fields)}")
         if record.evaluated is None:
             record.evaluated = np.ones(len(record.accuracy), bool)
+        if record.dropped is None:
+            record.dropped = np.zeros(len(record.accuracy), bool)
         if self._carry:            # the previous round's commit and checkpoint
             record.phase_time[0, self.phases.index("write")] += self._carry
             record.wall_time += self._carry

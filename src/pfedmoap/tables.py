@@ -27,7 +27,9 @@ from . import algorithms, config, configs
 from .errors import PFedMoAPError
 
 TABLES_FILE = configs.ROOT / "paper" / "tables" / "tables.toml"
-LAYOUTS = ("datasets", "domains")
+# datasets: a column per config; domains: one config's domains + Avg; base2novel: a config's Local /
+# Base / Novel / HM (+ their Average); held_out: a column per held-out domain (+ Avg)
+LAYOUTS = ("datasets", "domains", "base2novel", "held_out")
 _ROW_KEYS = {"name", "key", "with", "set", "missing"}
 _COLUMN_KEYS = {"name", "key", "config", "set"}
 _TABLE_KEYS = {"title", "rows", "columns", "seeds", "layout", "domains", "domain_labels", "notes"}

@@ -180,6 +180,15 @@ class ServerPart:
         (at least one; the loop drops what is sent to the others, and a server may skip their work)."""
         return {}
 
+    def initial_prompt(self) -> np.ndarray:
+        """The initial prompt every client starts from (`ClientPart.init_state`'s), flat: the
+        server's global prompt while no upload has arrived yet (every participant so far dropped
+        out, train.drop_rate)."""
+        from ..clip.prompt import init_context
+        gen = rng.torch_generator(self.cfg.seed, "ctx-init")
+        ctx = init_context(self.method.setup.backbone, self.cfg.prompt.n_ctx, self.cfg.prompt.init, gen)
+        return ctx.detach().cpu().reshape(-1).numpy().astype(np.float32)
+
     def logs(self) -> dict[str, np.ndarray]:
         """The round's server-side logs, (N, *shape) each."""
         return {}

@@ -18,6 +18,16 @@ def tex(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
+def _own_names(pt: PaperTable) -> list[str]:
+    """Each column's name without its group's ("Caltech101 Base" under Caltech101: "Base")."""
+    out, j = [], 0
+    for name, width in pt.groups:
+        for c in pt.columns[j:j + width]:
+            out.append(c[len(name) + 1:] if c.startswith(f"{name} ") else c)
+        j += width
+    return out + list(pt.columns[j:])
+
+
 def latex(pt: PaperTable, what: str) -> str:
     best = []
     for j in range(len(pt.columns)):
@@ -26,8 +36,17 @@ def latex(pt: PaperTable, what: str) -> str:
     lines = [f"% {pt.title}", f"% {what}; best mean per column in bold"
              + ("; * = some of the table's seeds missing" if any(
                  c.short for line in pt.cells if line for c in line if c.stat is not None) else ""),
-             r"\begin{tabular}{l" + "c" * len(pt.columns) + "}", r"\toprule",
-             " & ".join(["Method"] + [tex(c) for c in pt.columns]) + r" \\", r"\midrule"]
+             r"\begin{tabular}{l" + "c" * len(pt.columns) + "}", r"\toprule"]
+    if pt.groups:           # a header row of groups (a data set), then their columns' own names
+        spans, rules, at = [""], [], 2
+        for name, width in pt.groups:
+            spans.append(rf"\multicolumn{{{width}}}{{c}}{{{tex(name)}}}")
+            rules.append(rf"\cmidrule(lr){{{at}-{at + width - 1}}}")
+            at += width
+        lines += [" & ".join(spans) + r" \\", " ".join(rules),
+                  " & ".join(["Method"] + [tex(c) for c in _own_names(pt)]) + r" \\", r"\midrule"]
+    else:
+        lines += [" & ".join(["Method"] + [tex(c) for c in pt.columns]) + r" \\", r"\midrule"]
     for name, line in zip(pt.rows, pt.cells):
         values = [tex(name)]
         for j in range(len(pt.columns)):

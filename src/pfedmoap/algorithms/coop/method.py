@@ -30,7 +30,8 @@ class PromptFLServer(ServerPart):
         self.global_prompt = fedavg(uploads["prompt"], sample_counts(uploads))
 
     def configure_evaluate(self, round_, evaluated):
-        return {"global_prompt": Broadcast(self.global_prompt, np.ones(self.n_clients, bool))}
+        g = self.initial_prompt() if self.global_prompt is None else self.global_prompt   # None: nothing arrived yet
+        return {"global_prompt": Broadcast(g, np.ones(self.n_clients, bool))}
 
     def state_dict(self):
         return {"global_prompt": np.zeros(0, np.float32) if self.global_prompt is None else self.global_prompt}

@@ -47,7 +47,10 @@ class Server(ServerPart):
         self.shared = fedavg(uploads["shared"], sample_counts(uploads))
 
     def configure_evaluate(self, round_, evaluated):
-        return {"global_shared": Broadcast(self.shared, np.ones(self.n_clients, bool))}
+        # nothing arrived yet (train.drop_rate): the shared rows of the initial prompt
+        shared = self.initial_prompt()[:self.method.n_shared * self.method.setup.ctx_shape[1]] \
+            if self.shared is None else self.shared
+        return {"global_shared": Broadcast(shared, np.ones(self.n_clients, bool))}
 
     def state_dict(self):
         return {"shared": np.zeros(0, np.float32) if self.shared is None else self.shared}

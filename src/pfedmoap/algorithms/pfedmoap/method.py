@@ -101,8 +101,9 @@ class Server(ServerPart):
         if self.m.participation == "paper":
             everyone = np.arange(self.n_clients)
             never = ~self.in_pool
-            if never.any():
-                out["eval_prompt"] = Broadcast(self.global_prompt, never)
+            if never.any():       # the global prompt: the initial one while nothing arrived (drop-out)
+                g = self.initial_prompt() if self.global_prompt is None else self.global_prompt
+                out["eval_prompt"] = Broadcast(g, never)
             if self.E:
                 late = everyone[~self._routed & self.gate_trained]     # routed on the updated pool
                 if len(late):
