@@ -42,7 +42,7 @@ class Build:
         self.partition = make_partition(self.dataset, cfg.data, cfg.seed)
         self.N = len(self.partition.train)
         self.n_train = np.array([len(t) for t in self.partition.train], np.int64)
-        self.owner = comm_mod.place_clients(self.n_train, comm.size)
+        self.owner = comm_mod.place_clients(self.n_train, comm.size, cfg.train.client_block)
         self.mine = np.flatnonzero(self.owner == comm.rank)
         m = cfg.model
         self.backbone = Backbone(m.name, m.pretrained, m.device, m.precision, rng.key(cfg.seed, "backbone-init"))

@@ -119,6 +119,44 @@ class PromptEncoder:
             suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
         return self._project(suffix[torch.arange(C), self.eos - p])
 
+    def encode_block(self, ctxs: torch.Tensor) -> torch.Tensor:
+        """A block of B clients' contexts (B, n_ctx, W) -> their text features (B, C, D) in one pass over
+        B*C sequences; differentiable w.r.t. ctxs. Client b's features are `self(ctxs[b])`'s math (the
+        same ops on its rows), equal to them up to float rounding of the larger matrix products."""
+        B, C = ctxs.shape[0], self.n_classes
+        ctxs = ctxs.to(self.sos.device, self.cast)
+        with self.backbone.autocast():
+            x = self._encode_shared_block(ctxs) if self.shared_prefix else self._encode_full_block(ctxs)
+        return F.normalize(x.float(), dim=-1).reshape(B, C, -1)
+
+    def _encode_full_block(self, ctxs: torch.Tensor) -> torch.Tensor:
+        (B, n, W), C = ctxs.shape, self.n_classes
+        x = torch.cat([self.sos.expand(B * C, -1, -1),
+                       ctxs.unsqueeze(1).expand(B, C, n, W).reshape(B * C, n, W),
+                       self.suffix.repeat(B, 1, 1)], dim=1)
+        x = x + self.tower.positional_embedding[:self.length].to(x.dtype)
+        x = self.tower.transformer(x, attn_mask=self._mask())
+        return self._project(x[torch.arange(B * C), self.eos.repeat(B)])
+
+    def _encode_shared_block(self, ctxs: torch.Tensor) -> torch.Tensor:
+        (B, n, W), C, p = ctxs.shape, self.n_classes, 1 + self.n_ctx
+        pos = self.tower.positional_embedding[:self.length].to(ctxs.dtype)
+        prefix = torch.cat([self.sos.expand(B, -1, -1), ctxs], dim=1) + pos[:p]      # (B, p, W)
+        suffix = (self.suffix + pos[p:]).repeat(B, 1, 1)                              # (B*C, s, W)
+        mask = self._mask()
+        for block in self.tower.transformer.resblocks:
+            h_pre = block.ln_1(prefix)
+            h_suf = block.ln_1(suffix)
+            prefix = prefix + block.ls_1(block.attn(h_pre, h_pre, h_pre, need_weights=False,
+                                                    attn_mask=mask[:p, :p].to(h_pre.dtype))[0])
+            prefix = prefix + block.ls_2(block.mlp(block.ln_2(prefix)))
+            # each class sequence of client b attends to client b's prefix
+            kv = torch.cat([h_pre.unsqueeze(1).expand(B, C, p, W).reshape(B * C, p, W), h_suf], dim=1)
+            suffix = suffix + block.ls_1(block.attn(h_suf, kv, kv, need_weights=False,
+                                                    attn_mask=mask[p:, :].to(h_suf.dtype))[0])
+            suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
+        return self._project(suffix[torch.arange(B * C), (self.eos - p).repeat(B)])
+
     @torch.no_grad()
     def encode_frozen(self, ctxs: torch.Tensor) -> torch.Tensor:
         """Several contexts (E, n_ctx, W) -> (E, C, D) with no graph: experts and evaluation.

@@ -218,6 +218,43 @@ class Client(ClientPart):
             up["gating"] = self.gating_vector(state)
         return up
 
+    # Blocks: the prompts are trained batched (one text pass over the block's B*C sequences); each
+    # client's gating network runs per client on its slice (its own module, its own persistent
+    # optimiser, stepped only while the client trains).
+    block_training = True
+
+    def fit_block(self, states, datas, round_, cids, downs):
+        if len(cids) == 1:
+            return super().fit_block(states, datas, round_, cids, downs)
+        for s, dn in zip(states, downs):
+            if "global_prompt" in dn:
+                s.ctx = self.prompt(dn["global_prompt"])
+            if "global_gating" in dn:
+                self.load_gating(s, dn["global_gating"])
+        lam = self.m.lam
+        gates = tuple(Group(list(s.gating.parameters()), self.gating_recipe(), s.gating_opt, client=b)
+                      for b, s in enumerate(states))
+
+        def logits(text, x):
+            return torch.stack([moe_logits(s.gating, x[b], self._mixture(text[b], c), self.logit_scale, lam)[0]
+                                for b, (s, c) in enumerate(zip(states, cids))])
+
+        self.train_prompt_block(states, datas, round_, cids, others=gates, logits=logits)
+        ups = []
+        for s, d, c in zip(states, datas, cids):
+            up = {"prompt": self.upload_prompt(s.ctx, round_, c), **self.upload_count(d)}
+            if self.m.aggregate_gate:
+                up["gating"] = self.gating_vector(s)
+            ups.append(up)
+        return ups
+
+    def evaluate_block(self, states, datas, round_, cids, downs):
+        if len(cids) == 1:
+            return super().evaluate_block(states, datas, round_, cids, downs)
+        trained = [b for b, dn in enumerate(downs) if "eval_prompt" not in dn]
+        self.own_texts([states[b] for b in trained], [cids[b] for b in trained])   # one batched pass
+        return [self.evaluate(s, d, round_, c, dn) for s, d, c, dn in zip(states, datas, cids, downs)]
+
     def evaluate(self, state: State, data, round_, cid, down):
         if "global_gating" in down:
             self.load_gating(state, down["global_gating"])
