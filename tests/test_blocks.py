@@ -113,13 +113,15 @@ def test_ranks_host_whole_id_blocks():
 
 # ---------------------------------------------------------------------------- whole runs
 
-def _run(out, name, B, ranks=0):
+def _run(out, name, B, ranks=None):
+    """In this process (ranks None), or `pfedmoap run` alone (0) or under mpiexec -n `ranks`."""
     sets = SETS + [f"algorithm={name}", f"train.client_block={B}"]
-    if ranks == 0:
+    if ranks is None:
         federation.Federation(config.load(None, sets), comm.LocalComm()).run(out, "overwrite")
     else:
         mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-        args = [mpiexec, "-n", str(ranks), sys.executable, "-m", "pfedmoap.cli", "run", "--out", str(out)]
+        args = ([mpiexec, "-n", str(ranks)] if ranks else []) + [sys.executable, "-m", "pfedmoap.cli", "run",
+                                                                 "--out", str(out)]
         for s in sets:
             args += ["--set", s]
         p = subprocess.run(args, capture_output=True, text=True, timeout=300,
@@ -149,10 +151,19 @@ def test_block_of_four_agrees_with_one_at_a_time(runs, name):
 
 @pytest.mark.slow
 def test_block_of_four_is_identical_at_one_and_three_ranks(tmp_path):
-    """mpiexec -n 3: two client ranks, each hosting whole id-blocks {0..3} and {4, 5}."""
-    one_r, one_c = _run(tmp_path / "one", "pfedmoap", 4)
+    """mpiexec -n 3: two client ranks, each hosting whole id-blocks {0..3} and {4, 5}; against the
+    same command in one process (as test_mpi.py compares: the same torch settings as the CLI's)."""
+    one_r, one_c = _run(tmp_path / "one", "pfedmoap", 4, ranks=0)
     three_r, three_c = _run(tmp_path / "three", "pfedmoap", 4, ranks=3)
     for key in ("accuracy", "loss", "gate_weight"):
         np.testing.assert_array_equal(three_r[key], one_r[key], err_msg=key)
     for key in ("clients/state", "server/global_prompt", "server/pool"):
         np.testing.assert_array_equal(three_c[key], one_c[key], err_msg=key)
+
+
+def test_cuda_graph_option_falls_back_on_the_cpu(tiny_backbone, caplog):
+    with caplog.at_level("WARNING"):
+        enc = PromptEncoder(tiny_backbone, NAMES, 4, cuda_graph=True)
+    assert not enc.cuda_graph and "run.cuda_graph" in caplog.text
+    ctx = init_context(tiny_backbone, 4, "", torch.Generator().manual_seed(0)).requires_grad_(True)
+    torch.testing.assert_close(enc(ctx), PromptEncoder(tiny_backbone, NAMES, 4)(ctx), atol=0, rtol=0)

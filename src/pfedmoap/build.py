@@ -50,7 +50,8 @@ class Build:
             feature_cache.check_dense(self.backbone)
         n_ctx = context_length(cfg.prompt.n_ctx, cfg.prompt.init, self.backbone)
         self.encoder = PromptEncoder(self.backbone, self.dataset.classnames, n_ctx,
-                                     truncate=cfg.run.truncate_eos, shared_prefix=cfg.run.shared_prefix)
+                                     truncate=cfg.run.truncate_eos, shared_prefix=cfg.run.shared_prefix,
+                                     cuda_graph=cfg.run.cuda_graph)
         ctx_shape = tuple(init_context(self.backbone, cfg.prompt.n_ctx, cfg.prompt.init, torch.Generator()).shape)
         setup = Setup(cfg, self.N, self.encoder, self.backbone, ctx_shape)
         self.method = method_cls(setup)

@@ -143,8 +143,11 @@ class StackedSGD:
         self.lr = torch.zeros(group.params[0].shape[0], dtype=group.params[0].dtype, device=group.params[0].device)
 
     def set_epochs(self, epochs_now: list) -> None:
-        self.lr = torch.tensor([0.0 if e is None else self.recipe.lr_at(e, self.epochs) for e in epochs_now],
-                               dtype=self.lr.dtype).to(self.lr.device)
+        key = tuple(epochs_now)
+        if key != getattr(self, "_key", None):          # new tensors only when an epoch changes
+            self._key = key
+            self.lr = torch.tensor([0.0 if e is None else self.recipe.lr_at(e, self.epochs) for e in epochs_now],
+                                   dtype=self.lr.dtype).to(self.lr.device)
 
     def zero_grad(self) -> None:
         for p in self.group.params:
@@ -153,17 +156,22 @@ class StackedSGD:
     @torch.no_grad()
     def step(self, active: list[bool]) -> None:
         r = self.recipe
-        act = torch.tensor(active, device=self.lr.device)
+        if tuple(active) != getattr(self, "_active_key", None):
+            self._active_key, self._act = tuple(active), torch.tensor(active, device=self.lr.device)
+        act = self._act
         for i, p in enumerate(self.group.params):
             if p.grad is None:
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
             a = act.view(shape)
             d = p.grad if not r.weight_decay else p.grad.add(p, alpha=r.weight_decay)
+            every = all(active)        # the same values as the masked update, fewer ops
             if self.bufs is not None:
-                self.bufs[i] = torch.where(a, self.bufs[i] * r.momentum + d, self.bufs[i])
+                buf = self.bufs[i] * r.momentum + d
+                self.bufs[i] = buf if every else torch.where(a, buf, self.bufs[i])
                 d = self.bufs[i]
-            p.copy_(torch.where(a, p - self.lr.view(shape) * d, p))
+            new = p - self.lr.view(shape) * d
+            p.copy_(new if every else torch.where(a, new, p))
 
 
 def train(groups: Sequence[Group], loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -200,15 +208,18 @@ def train_block(groups: Sequence[Group], loss: Callable[[torch.Tensor, torch.Ten
     is differentiated once: client b's gradient is that of its own loss. Returns each client's mean loss."""
     def forward(items):
         live = [it for it in items if it is not None]
-        bs = max(len(it[2]) for it in live)
+        sizes = [0 if it is None else len(it[2]) for it in items]
+        bs = max(sizes)
         x0, y0 = live[0][1], live[0][2]
-        X = x0.new_zeros((len(items), bs, *x0.shape[1:]))
-        Y = y0.new_zeros((len(items), bs))
-        W = torch.zeros(len(items), bs, device=x0.device)
-        for b, it in enumerate(items):
-            if it is not None:
-                n = len(it[2])
-                X[b, :n], Y[b, :n], W[b, :n] = it[1], it[2], 1.0 / n
+        if min(sizes) == bs:            # every client trains and has a full batch of bs: no padding
+            X, Y = torch.stack([it[1] for it in items]), torch.stack([it[2] for it in items])
+        else:
+            X = x0.new_zeros((len(items), bs, *x0.shape[1:]))
+            Y = y0.new_zeros((len(items), bs))
+            for b, it in enumerate(items):
+                if it is not None:
+                    X[b, :sizes[b]], Y[b, :sizes[b]] = it[1], it[2]
+        W = torch.tensor([[1.0 / n] * n + [0.0] * (bs - n) if n else [0.0] * bs for n in sizes], device=x0.device)
         value = loss(X, Y, W)
         if penalty is not None:
             value = value + penalty()
@@ -246,7 +257,9 @@ def _run(opts, forward, batches: list[Batches], epochs: int, hook, where: list[s
         if len(items) == 1:
             value[0].backward()
         else:
-            torch.where(torch.tensor(active, device=value.device), value, torch.zeros_like(value)).sum().backward()
+            live = value if all(active) else torch.where(torch.tensor(active, device=value.device), value,
+                                                          torch.zeros_like(value))
+            live.sum().backward()
         if hook is not None:
             hook(active)
         for opt in opts:

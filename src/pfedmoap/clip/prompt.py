@@ -10,11 +10,15 @@ features, exactly as `encode_text` would, with two exact shortcuts:
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PFedMoAPError
+
+log = logging.getLogger(__name__)
 
 
 def _text_tower(model: nn.Module) -> nn.Module:
@@ -49,7 +53,7 @@ class PromptEncoder:
     """Text features of CoOp prompts for one list of class names (frozen tower, no parameters)."""
 
     def __init__(self, backbone, classnames: list[str], n_ctx: int,
-                 truncate: bool = True, shared_prefix: bool = True):
+                 truncate: bool = True, shared_prefix: bool = True, cuda_graph: bool = False):
         self.backbone = backbone
         self.tower = _text_tower(backbone.model)
         self.n_ctx = n_ctx
@@ -71,6 +75,13 @@ class PromptEncoder:
         from open_clip.transformer import ResidualAttentionBlock
         self.shared_prefix = shared_prefix and all(type(b) is ResidualAttentionBlock for b in blocks)
         self.cast = self.tower.transformer.get_cast_dtype()
+        # run.cuda_graph: the differentiable text pass of each block shape captured once in a CUDA
+        # graph (forward and backward replayed with one launch each); a GPU step is bound by kernel
+        # launches. Off on the CPU; any capture failure falls back to the eager pass, logged once.
+        self.cuda_graph = cuda_graph and dev.type == "cuda"
+        self._graphs: dict[tuple, object] = {}
+        if cuda_graph and dev.type != "cuda":
+            log.warning("run.cuda_graph = true: the model is on %s, not CUDA; the text step runs eagerly", dev)
 
     @property
     def n_classes(self) -> int:
@@ -78,6 +89,8 @@ class PromptEncoder:
 
     def __call__(self, ctx: torch.Tensor) -> torch.Tensor:
         """ctx (n_ctx, W) -> L2-normalised text features (C, D); differentiable w.r.t. ctx."""
+        if self._graph_for(ctx):
+            return self._graphed(ctx.unsqueeze(0))[0]
         ctx = ctx.to(self.sos.device, self.cast)
         with self.backbone.autocast():
             x = self._encode_shared(ctx) if self.shared_prefix else self._encode_full(ctx)
@@ -123,6 +136,30 @@ class PromptEncoder:
         """A block of B clients' contexts (B, n_ctx, W) -> their text features (B, C, D) in one pass over
         B*C sequences; differentiable w.r.t. ctxs. Client b's features are `self(ctxs[b])`'s math (the
         same ops on its rows), equal to them up to float rounding of the larger matrix products."""
+        if self._graph_for(ctxs):
+            return self._graphed(ctxs)
+        return self._encode_block(ctxs)
+
+    def _graph_for(self, ctx: torch.Tensor) -> bool:
+        return self.cuda_graph and torch.is_grad_enabled() and ctx.requires_grad
+
+    def _graphed(self, ctxs: torch.Tensor) -> torch.Tensor:
+        """encode_block through the CUDA graph of its shape (captured on first use)."""
+        ctxs = ctxs.to(self.sos.device)
+        fn = self._graphs.get(tuple(ctxs.shape))
+        if fn is None:
+            try:
+                sample = ctxs.detach().clone().requires_grad_(True)
+                fn = torch.cuda.make_graphed_callables(self._encode_block, (sample,))
+            except Exception as e:      # unsupported here (driver, autocast, an op): run eagerly
+                log.warning("run.cuda_graph: capturing the text step failed (%s: %s); it runs eagerly",
+                            type(e).__name__, (str(e).splitlines() or [""])[0])
+                self.cuda_graph = False
+                return self._encode_block(ctxs)
+            self._graphs[tuple(ctxs.shape)] = fn
+        return fn(ctxs)
+
+    def _encode_block(self, ctxs: torch.Tensor) -> torch.Tensor:
         B, C = ctxs.shape[0], self.n_classes
         ctxs = ctxs.to(self.sos.device, self.cast)
         with self.backbone.autocast():
