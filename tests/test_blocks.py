@@ -23,7 +23,8 @@ from pfedmoap.clip.prompt import PromptEncoder, init_context
 
 NAMES = ["cat", "water lily", "great_white shark", "x", "bird of paradise flower"]
 STATE_ATOL, LOSS_ATOL = 1e-5, 1e-4
-METHODS = ["local", "promptfl", "fedprox", "pfedmoap", "promptfl_ft"]
+METHODS = ["local", "promptfl", "fedprox", "pfedmoap", "promptfl_ft", "pfedmoap-linear"]
+EXTRA = {"pfedmoap-linear": ["algorithm=pfedmoap", "moe.gate=linear"]}     # the per-client gate path
 SETS = ["model.name=tiny-clip", "model.pretrained=", "data.dataset=synthetic", "data.n_clients=6",
         "data.n_train=150", "data.n_test=60", "data.min_size=5", "data.cache_dir=", "rounds=2",
         "train.local_epochs=2", "train.batch_size=8", "run.threads=1", "prompt.n_ctx=4",
@@ -85,6 +86,21 @@ def test_stacked_sgd_is_torch_sgd_per_client_and_masked_clients_do_not_move():
     assert all(np.isfinite(losses))
 
 
+def test_stacked_gates_give_each_clients_moe_logits():
+    from pfedmoap.clip.gating import GatingNetwork, moe_logits, moe_logits_block
+    torch.manual_seed(0)
+    gates = [GatingNetwork(64, 16, 4, 10.0) for _ in range(3)]
+    names = [n for n, _ in gates[0].named_parameters()]
+    params = {n: torch.stack([dict(g.named_parameters())[n].detach() for g in gates]) for n in names}
+    x = torch.nn.functional.normalize(torch.randn(3, 5, 64), dim=-1)
+    n_valid = [3, 1, 2]                          # client 1 has no experts: its local logits
+    text = torch.nn.functional.normalize(torch.randn(3, 3, 7, 64), dim=-1)
+    got = moe_logits_block(params, gates[0], x, text, n_valid, 20.0, 0.5)
+    for b in range(3):
+        want = moe_logits(gates[b], x[b], text[b, :n_valid[b]], 20.0, 0.5)[0]
+        torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
+
+
 def test_a_masked_client_keeps_its_tensor_and_momentum_exactly():
     p = torch.ones(2, 3, requires_grad=True)
     opt = training.StackedSGD(Group([p], Recipe(lr=0.5, momentum=0.9, weight_decay=0.1)), 2)
@@ -115,7 +131,7 @@ def test_ranks_host_whole_id_blocks():
 
 def _run(out, name, B, ranks=None):
     """In this process (ranks None), or `pfedmoap run` alone (0) or under mpiexec -n `ranks`."""
-    sets = SETS + [f"algorithm={name}", f"train.client_block={B}"]
+    sets = SETS + EXTRA.get(name, [f"algorithm={name}"]) + [f"train.client_block={B}"]
     if ranks is None:
         federation.Federation(config.load(None, sets), comm.LocalComm()).run(out, "overwrite")
     else:

@@ -156,12 +156,11 @@ def paper() -> None:
         if piece(name, cmd, cap=240, min_needed=60) is None:
             continue
         try:
-            import h5py
             import numpy as np
-            with h5py.File(run_dir / "results.h5") as f:
-                wall = f["rounds"]["wall_time"][()]
-                pt = f["rounds"]["phase_time"][()]
-                phases = [p.decode() if isinstance(p, bytes) else str(p) for p in f["rounds"]["phases"][()]]
+            sys.path.insert(0, str(ROOT / "src"))
+            from pfedmoap import store
+            rd = store.read_results(run_dir)["rounds"]
+            wall, pt, phases = np.asarray(rd["wall_time"]), np.asarray(rd["phase_time"]), [str(p) for p in rd["phases"]]
             ok = ~np.isnan(wall)
             summary[name] = {"wall_s_rounds": wall[ok].tolist(), "phases": phases,
                              "phase_s_per_round": np.nanmax(pt[ok], axis=1).mean(0).tolist()}

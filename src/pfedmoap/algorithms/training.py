@@ -72,6 +72,11 @@ class Group:
     recipe: Recipe
     optimizer: torch.optim.Optimizer | None = None
     client: int | None = None       # in a block (train_block): None = stacked over the block, b = client b's own
+    # a stacked group: its persistent momentum buffers, stacked (StackedSGD starts from them and
+    # leaves its last ones here), and which clients it trains (None: all; False: untouched, as a
+    # torch optimizer whose tensors got no gradient)
+    momentum: list[torch.Tensor] | None = None
+    trains: list[bool] | None = None
 
 
 @dataclass
@@ -139,7 +144,9 @@ class StackedSGD:
 
     def __init__(self, group: Group, epochs: int):
         self.group, self.epochs, self.recipe = group, epochs, group.recipe
-        self.bufs = [torch.zeros_like(p) for p in group.params] if self.recipe.momentum else None
+        self.bufs = None
+        if self.recipe.momentum:
+            self.bufs = group.momentum if group.momentum is not None else [torch.zeros_like(p) for p in group.params]
         self.lr = torch.zeros(group.params[0].shape[0], dtype=group.params[0].dtype, device=group.params[0].device)
 
     def set_epochs(self, epochs_now: list) -> None:
@@ -156,6 +163,8 @@ class StackedSGD:
     @torch.no_grad()
     def step(self, active: list[bool]) -> None:
         r = self.recipe
+        if self.group.trains is not None:
+            active = [a and t for a, t in zip(active, self.group.trains)]
         if tuple(active) != getattr(self, "_active_key", None):
             self._active_key, self._act = tuple(active), torch.tensor(active, device=self.lr.device)
         act = self._act

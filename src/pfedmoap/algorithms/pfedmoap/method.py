@@ -27,7 +27,7 @@ import torch
 
 from ... import rng, router
 from ...errors import PFedMoAPError
-from ...clip.gating import GatingNetwork, LinearGate, moe_logits
+from ...clip.gating import GatingNetwork, LinearGate, moe_logits, moe_logits_block
 from ...exchange import Array, Broadcast, PerClient
 from ..base import Arrays, ClientPart, Log, Method, PromptState, ServerPart, fedavg, sample_count_array, sample_counts
 from ..training import Group, Recipe
@@ -232,14 +232,17 @@ class Client(ClientPart):
             if "global_gating" in dn:
                 self.load_gating(s, dn["global_gating"])
         lam = self.m.lam
-        gates = tuple(Group(list(s.gating.parameters()), self.gating_recipe(), s.gating_opt, client=b)
-                      for b, s in enumerate(states))
+        if isinstance(states[0].gating, GatingNetwork):
+            self._fit_block_stacked_gates(states, datas, round_, cids)
+        else:       # the linear gate: each client's gate on its slice, its own optimiser
+            gates = tuple(Group(list(s.gating.parameters()), self.gating_recipe(), s.gating_opt, client=b)
+                          for b, s in enumerate(states))
 
-        def logits(text, x):
-            return torch.stack([moe_logits(s.gating, x[b], self._mixture(text[b], c), self.logit_scale, lam)[0]
-                                for b, (s, c) in enumerate(zip(states, cids))])
+            def logits(text, x):
+                return torch.stack([moe_logits(s.gating, x[b], self._mixture(text[b], c), self.logit_scale, lam)[0]
+                                    for b, (s, c) in enumerate(zip(states, cids))])
 
-        self.train_prompt_block(states, datas, round_, cids, others=gates, logits=logits)
+            self.train_prompt_block(states, datas, round_, cids, others=gates, logits=logits)
         ups = []
         for s, d, c in zip(states, datas, cids):
             up = {"prompt": self.upload_prompt(s.ctx, round_, c), **self.upload_count(d)}
@@ -247,6 +250,39 @@ class Client(ClientPart):
                 up["gating"] = self.gating_vector(s)
             ups.append(up)
         return ups
+
+    def _fit_block_stacked_gates(self, states, datas, round_, cids):
+        """The block's attention gates stacked too: their parameters and persistent momentum
+        buffers (B, ...) trained by one StackedSGD of the gating recipe (moe_logits_block), then
+        written back to each client's module and optimiser. A client without experts does not use
+        its gate (as alone, where its gate gets no gradient): its gate and momentum stay as they are."""
+        names = [n for n, _ in states[0].gating.named_parameters()]
+        mods = [dict(s.gating.named_parameters()) for s in states]
+        params = [torch.stack([m[n].detach() for m in mods]).requires_grad_(True) for n in names]
+        momentum = [torch.stack([s.gating_opt.state[m[n]]["momentum_buffer"] for s, m in zip(states, mods)])
+                    for n in names]
+        experts = [self._experts.get(c) for c in cids]
+        n_valid = [1 + (0 if e is None else len(e)) for e in experts]
+        K = max(n_valid)
+        gate = Group(params, self.gating_recipe(), momentum=momentum, trains=[n > 1 for n in n_valid])
+        named = dict(zip(names, params))
+
+        def logits(text, x):                  # text (B, C, D): the local prompts' features
+            C, D = text.shape[1:]
+            full = text.new_zeros(len(cids), K, C, D)
+            full[:, 0] = text
+            for b, e in enumerate(experts):
+                if e is not None and len(e):
+                    full[b, 1:1 + len(e)] = e.to(text.device)
+            return moe_logits_block(named, states[0].gating, x, full, n_valid, self.logit_scale, self.m.lam)
+
+        self.train_prompt_block(states, datas, round_, cids, others=(gate,), logits=logits)
+        with torch.no_grad():
+            for b, (s, m) in enumerate(zip(states, mods)):
+                for i, n in enumerate(names):
+                    m[n].copy_(params[i][b])
+                    if gate.momentum is not None and self.gating_recipe().momentum:
+                        s.gating_opt.state[m[n]]["momentum_buffer"].copy_(gate.momentum[i][b])
 
     def evaluate_block(self, states, datas, round_, cids, downs):
         if len(cids) == 1:
