@@ -264,16 +264,22 @@ class Client(ClientPart):
         experts = [self._experts.get(c) for c in cids]
         n_valid = [1 + (0 if e is None else len(e)) for e in experts]
         K = max(n_valid)
+        if K == 1:          # nobody has experts (e.g. first-time participants): CLIP's logits, gates untouched
+            self.train_prompt_block(states, datas, round_, cids)
+            return
         gate = Group(params, self.gating_recipe(), momentum=momentum, trains=[n > 1 for n in n_valid])
         named = dict(zip(names, params))
 
+        # the experts' features, padded to K - 1 per client, once per block (they are frozen)
+        C, D = self.encoder.n_classes, self.backbone.embed_dim
+        dev = next(states[0].gating.parameters()).device
+        pad = torch.zeros(len(cids), K - 1, C, D, device=dev)
+        for b, e in enumerate(experts):
+            if e is not None and len(e):
+                pad[b, :len(e)] = e.to(dev)
+
         def logits(text, x):                  # text (B, C, D): the local prompts' features
-            C, D = text.shape[1:]
-            full = text.new_zeros(len(cids), K, C, D)
-            full[:, 0] = text
-            for b, e in enumerate(experts):
-                if e is not None and len(e):
-                    full[b, 1:1 + len(e)] = e.to(text.device)
+            full = torch.cat([text.unsqueeze(1), pad.to(text.dtype)], dim=1)
             return moe_logits_block(named, states[0].gating, x, full, n_valid, self.logit_scale, self.m.lam)
 
         self.train_prompt_block(states, datas, round_, cids, others=(gate,), logits=logits)
