@@ -11,11 +11,13 @@ no longer fits:
   step-*     benchmark.py blockstep: one block training step at B = 1, 4, 16, 64 (bf16), ms per
              step and per client-step, aten ops, GPU busy fraction; run.cuda_graph off and on;
              ViT-B-16 and RN50, random init, C = 10 and (ViT-B-16) C = 100
-  round-*    benchmark.py _round1: the real round loop (pFedMoAP, synthetic data, random init) at
-             B = 1 and 16 (then 4 and 64 if time is left), per-round seconds by phase
+  round-*    benchmark.py _round1: the real round loop (pFedMoAP, 64 clients, synthetic data, random
+             init, every client trains) at B = 1 and 16, with and without run.cuda_graph (then B = 4
+             and 64 if time is left), per-round seconds by phase
   paper-*    the CIFAR-100 paper config (RN50, 100 clients, 10% sampled, 5 local epochs, fresh
              augmentation) on generated data of its shape (50,000 train / 10,000 test images,
-             100 classes), random init, a few rounds: seconds per round by phase, at B = 16 and 1
+             100 classes), random init, a few rounds: seconds per round by phase, at B = 100 (blocks
+             are id-blocks: B = n_clients puts each round's participants in one block) and B = 1
 Everything goes to $OUT (text per piece, JSON where there are figures, summary.json).
 """
 from __future__ import annotations
@@ -115,10 +117,11 @@ def steps() -> None:
 
 def round_sets(model: str, B: int) -> list[str]:
     sets = [f"model.name={model}", "model.pretrained=", f"model.device={DEVICE}", f"model.precision={PREC}",
-            "data.dataset=synthetic", "data.n_clients=16", "data.n_classes=10", "data.cache_dir=",
+            "data.dataset=synthetic", "data.n_classes=10", "data.cache_dir=",
             "algorithm=pfedmoap", "moe.n_experts=4", "rounds=3", "train.local_epochs=1", "run.threads=1",
             "run.checkpoint_every=0", "run.progress=false", f"train.client_block={B}"]
-    sets += ["data.n_train=800", "data.n_test=320"] if TINY else ["data.n_train=3200", "data.n_test=640"]
+    sets += ["data.n_clients=16", "data.n_train=800", "data.n_test=320"] if TINY else \
+        ["data.n_clients=64", "data.n_train=6400", "data.n_test=1280"]
     if not TINY:       # the GPU's faster text settings (docs/gpu-figures.md)
         sets += ["run.truncate_eos=false", "run.shared_prefix=false"]
     return sets
@@ -143,7 +146,8 @@ def rounds() -> None:
 
 def paper() -> None:
     cfg = ROOT / "src/pfedmoap/configs/paper/cifar100.toml"
-    for B in (16, 1):
+    # id-blocks: with 10% of 100 clients sampled, B = 100 puts a round's participants in one block
+    for B in ((10, 1) if TINY else (100, 1)):
         name = f"paper-cifar100-B{B}"
         run_dir = OUT / "runs" / name
         sets = [f"model.name={PAPER_MODEL}", "model.pretrained=", f"model.device={DEVICE}", f"model.precision={PREC}",
