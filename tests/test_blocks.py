@@ -183,3 +183,11 @@ def test_cuda_graph_option_falls_back_on_the_cpu(tiny_backbone, caplog):
     assert not enc.cuda_graph and "run.cuda_graph" in caplog.text
     ctx = init_context(tiny_backbone, 4, "", torch.Generator().manual_seed(0)).requires_grad_(True)
     torch.testing.assert_close(enc(ctx), PromptEncoder(tiny_backbone, NAMES, 4)(ctx), atol=0, rtol=0)
+
+
+def test_only_methods_with_a_batched_path_train_in_blocks():
+    from pfedmoap import algorithms
+    on = {n for n in algorithms.names() if algorithms.get(n).Client.block_training}
+    assert {"local", "promptfl", "fedprox", "promptfl_ft", "pfedmoap"} <= on
+    # a client part that changes fit or evaluate and says nothing keeps one client at a time
+    assert "fedotp" not in on and "fedamp" not in on and "fedper" not in on

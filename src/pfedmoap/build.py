@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import algorithms, comm as comm_mod, dp, rng
+import dataclasses
+
+from . import algorithms, comm as comm_mod, dp, protocols, rng
 from .algorithms.base import ClientData, Setup
 from .clip.backbone import Backbone
 from .clip.prompt import PromptEncoder, context_length, init_context
@@ -31,15 +33,23 @@ class Build:
         except PFedMoAPError as e:   # e.g. a data root or weight file missing on one node only
             error = e
         comm_mod.agree(comm, error)
+        self._test_rows = None           # the run's test split features, when a protocol scores all of it
         self.data = self._client_data()
+        self.evaluator = self._evaluator()
 
     def _inputs(self) -> None:
         cfg, comm = self.cfg, self.comm
         self.manifest = algorithms.manifest(cfg.algorithm)
         method_cls = self.manifest.load()
         self.dense = self.manifest.data.dense
-        self.dataset = load_dataset(cfg.data)
-        self.partition = make_partition(self.dataset, cfg.data, cfg.seed)
+        # the protocol decides what the run trains on (base2novel: the base classes; leave one
+        # domain out: the other domains); the partition, the class names and the features follow it
+        self.protocol = protocols.build(cfg, load_dataset(cfg.data), self._load_target)
+        self.dataset = self.protocol.train
+        held = cfg.eval.held_out         # data.domains may name it: the partition runs over the others
+        part_cfg = dataclasses.replace(cfg.data, domains=[d for d in cfg.data.domains if d != held]) if held \
+            else cfg.data
+        self.partition = make_partition(self.dataset, part_cfg, cfg.seed)
         self.N = len(self.partition.train)
         self.n_train = np.array([len(t) for t in self.partition.train], np.int64)
         self.owner = comm_mod.place_clients(self.n_train, comm.size, cfg.train.client_block)
@@ -58,6 +68,42 @@ class Build:
         self.client = self.method.client()
         self._privacy()
         self.state_size = len(self.client.state_vector(self.client.init_state(0)))
+
+    def _load_target(self, name: str):
+        """A cross-dataset target: the data set `name` with the run's [data] keys, every domain."""
+        return load_dataset(dataclasses.replace(self.cfg.data, dataset=name, domains=[]))
+
+    def _scores_own_test(self) -> bool:
+        """A protocol set is the run's own test split (base2novel's Base): its every row is needed."""
+        return any(s.dataset is self.dataset for s in self.protocol.sets)
+
+    def _evaluator(self) -> protocols.Evaluator | None:
+        """The protocol's scoring on this rank: each set's test features (computed once, cached
+        with data.cache_dir as the clients' are) and an encoder of each other class list."""
+        p = self.protocol
+        if not p.width:
+            return None
+        dev, m = self.backbone.device, self.cfg.run
+        data, encoders = {}, {}
+        for i, s in enumerate(p.sets):
+            ds, n = s.dataset, len(s.dataset.test)
+            if s.dataset is self.dataset and self._test_rows is not None:
+                idx, x, dense = self._test_rows
+            elif self.dense:
+                idx, x, dense = self._dense_rows(ds, "test", np.arange(n))
+            else:
+                idx, x, dense = None, self._split_features(ds, "test", None, np.arange(n)), None
+            if idx is not None and len(idx) != n:     # only the rows of this rank's clients: not a set
+                raise RuntimeError("protocol set features incomplete")
+            # a method training inside the image tower (DataNeeds.images) scores the set's images
+            images = (feature_cache.ClientImages(self.backbone, ds, np.zeros(0, np.int64), np.arange(n),
+                                                 self.cfg.seed, device=dev) if self.manifest.data.images else None)
+            data[i] = (torch.from_numpy(np.ascontiguousarray(x)).to(dev), torch.from_numpy(ds.test.labels).to(dev),
+                       None if dense is None else torch.from_numpy(dense).to(dev), images)
+            if not s.same_classes:
+                encoders[i] = PromptEncoder(self.backbone, ds.classnames, self.encoder.n_ctx,
+                                            truncate=m.truncate_eos, shared_prefix=m.shared_prefix)
+        return protocols.Evaluator(p, self.method, encoders, data)
 
     def _privacy(self) -> None:
         """The noise multiplier and sensitivity of the uploads (Setup.dp_noise, dp_sensitivity) and
@@ -111,6 +157,8 @@ class Build:
     def _client_data(self) -> dict[int, ClientData]:
         if self.dense:
             return self._dense_client_data()
+        if self.manifest.data.images:
+            return self._image_client_data()
         d = self.cfg.data
         feats = self._image_features()
         dev = self.backbone.device
@@ -125,6 +173,25 @@ class Build:
                 torch.from_numpy(np.stack([feats[f"view{v}"][tr] for v in range(views)])).to(dev)
                 if views else None,
                 fresh_views=self.fresh.for_client(int(c)) if self.fresh is not None else None)
+        return out
+
+    def _image_client_data(self) -> dict[int, ClientData]:
+        """DataNeeds.images (a method training inside the image tower): each hosted client's images
+        (feature_cache.ClientImages; training views made per epoch as data.augment says, no
+        augmented features computed) beside its clean frozen features (this rank's images only)."""
+        d, dev = self.cfg.data, self.backbone.device
+        feats = {}
+        for split in ("train", "test"):
+            idx = np.concatenate([getattr(self.partition, split)[c] for c in self.mine] + [np.zeros(0, np.int64)])
+            feats[split] = feature_cache.compute(self.backbone, getattr(self.dataset, split), idx)
+        out = {}
+        for c in self.mine:
+            tr, te = self.partition.train[c], self.partition.test[c]
+            out[int(c)] = ClientData(
+                torch.from_numpy(feats["train"][tr]).to(dev), torch.from_numpy(self.dataset.train.labels[tr]).to(dev),
+                torch.from_numpy(feats["test"][te]).to(dev), torch.from_numpy(self.dataset.test.labels[te]).to(dev),
+                images=feature_cache.ClientImages(self.backbone, self.dataset, tr, te, self.cfg.seed,
+                                                  d.augment_mode, d.augment_views, dev))
         return out
 
     def _fresh_views(self) -> feature_cache.FreshViews:
@@ -154,28 +221,38 @@ class Build:
         jobs = [("train", None), ("test", None)] + [("train", v) for v in range(self.cfg.data.augment_views)]
         out = {}
         for split, view in jobs:
-            images = getattr(self.dataset, split)
-            if self.cfg.data.cache_dir:
-                key = feature_cache.cache_key(self.backbone, self.dataset, split, view)
-                path = feature_cache.cache_path(self.cfg.data.cache_dir, key)
-                if self.comm.rank == 0 and feature_cache.read(path, len(images), self.backbone.embed_dim) is None:
-                    feature_cache.write(path, feature_cache.compute(self.backbone, images, view=view))
-                self.comm.barrier()
-                x = feature_cache.read(path, len(images), self.backbone.embed_dim)
-                if x is None:   # only this rank: a traceback and an abort, not a hang
-                    raise RuntimeError(f"feature cache {path} is not readable from rank {self.comm.rank} "
-                                       f"(data.cache_dir on a file system the ranks do not share?)")
-            else:
-                idx = np.concatenate([getattr(self.partition, split)[c] for c in self.mine] + [np.zeros(0, np.int64)])
-                x = feature_cache.compute(self.backbone, images, idx, view=view)
-            out[split if view is None else f"view{view}"] = x
+            idx = np.concatenate([getattr(self.partition, split)[c] for c in self.mine] + [np.zeros(0, np.int64)])
+            if split == "test" and self._scores_own_test():
+                idx = np.arange(len(self.dataset.test))
+            out[split if view is None else f"view{view}"] = self._split_features(self.dataset, split, view, idx)
+        if self._scores_own_test():
+            self._test_rows = (None, out["test"], None)
         return out
+
+    def _split_features(self, dataset, split: str, view: int | None, idx: np.ndarray) -> np.ndarray:
+        """(n, D) features of a split of `dataset`: every row from the HDF5 cache (data.cache_dir;
+        rank 0 computes and writes it once), else the rows `idx` computed here (others zero)."""
+        images = getattr(dataset, split)
+        if not self.cfg.data.cache_dir:
+            return feature_cache.compute(self.backbone, images, idx, view=view)
+        key = feature_cache.cache_key(self.backbone, dataset, split, view)
+        path = feature_cache.cache_path(self.cfg.data.cache_dir, key)
+        if self.comm.rank == 0 and feature_cache.read(path, len(images), self.backbone.embed_dim) is None:
+            feature_cache.write(path, feature_cache.compute(self.backbone, images, view=view))
+        self.comm.barrier()
+        x = feature_cache.read(path, len(images), self.backbone.embed_dim)
+        if x is None:   # only this rank: a traceback and an abort, not a hang
+            raise RuntimeError(f"feature cache {path} is not readable from rank {self.comm.rank} "
+                               f"(data.cache_dir on a file system the ranks do not share?)")
+        return x
 
     def _dense_client_data(self) -> dict[int, ClientData]:
         """Each hosted client's image features with its dense (patch) features: this rank reads or
         computes only the rows of its own clients (peak memory: those rows, about twice)."""
         dev = self.backbone.device
         rows = {split: self._dense_features(split) for split in ("train", "test")}
+        if self._scores_own_test():
+            self._test_rows = rows["test"]
 
         def take(split, ids):
             idx, x, dense = rows[split]
@@ -195,12 +272,18 @@ class Build:
     def _dense_features(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(the split's image ids this rank's clients hold, sorted; their (k, D) features; their
         (k, M, D) dense features). Cached in HDF5 as `_image_features` (rank 0 writes the file)."""
-        images = getattr(self.dataset, split)
         idx = np.unique(np.concatenate([getattr(self.partition, split)[c] for c in self.mine]
                                        + [np.zeros(0, np.int64)]).astype(np.int64))
+        if split == "test" and self._scores_own_test():
+            idx = np.arange(len(self.dataset.test))
+        return self._dense_rows(self.dataset, split, idx)
+
+    def _dense_rows(self, dataset, split: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(idx, their (k, D) features, their (k, M, D) dense features) of a split of `dataset`."""
+        images = getattr(dataset, split)
         if not self.cfg.data.cache_dir:
             return (idx, *feature_cache.compute_dense(self.backbone, images, idx))
-        key = feature_cache.cache_key(self.backbone, self.dataset, split, kind="dense")
+        key = feature_cache.cache_key(self.backbone, dataset, split, kind="dense")
         path = feature_cache.cache_path(self.cfg.data.cache_dir, key)
         shape = feature_cache.dense_shape(self.backbone)
         if self.comm.rank == 0 and feature_cache.read_dense(path, len(images), shape, idx[:0]) is None:

@@ -257,6 +257,11 @@ def _final_table(outcomes) -> str:
         for cfg, o in outcomes:
             lines.append(f"{cfg.algorithm:<12}" + "".join(f"{100 * o.domain_accuracy.get(d, float('nan')):10.2f}"
                                                          for d in domains))
+    if any(getattr(getattr(c, "eval", None), "protocol", "personal") != "personal" for c, _ in outcomes):
+        # the evaluation protocol's metrics (docs/protocols.md)
+        from .analysis.protocols import protocol_table
+        from .analysis.runs import load_run
+        lines.append(protocol_table([load_run(c.out) for c, _ in outcomes]).rstrip("\n"))
     lines.append(f"results: {', '.join(str(Path(c.out) / 'results.h5') for c, _ in outcomes)}")
     return "\n".join(lines)
 

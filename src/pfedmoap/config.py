@@ -70,9 +70,13 @@ def _identity(obj) -> dict:
             sub = _identity(v)
             if sub or not f.metadata.get("added"):
                 out[f.name] = sub
-        elif not (f.metadata.get("added") and v == f.default):
+        elif not (f.metadata.get("added") and v == _default(f)):
             out[f.name] = v
     return out
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _owners(section: str) -> list[str]:
@@ -173,6 +177,12 @@ class EvalConfig:
     # What a round reports besides each client's accuracy on its own test split (docs/protocols.md):
     # personal (only that) | base2novel | leave_one_domain_out | cross_dataset | dual
     protocol: str = added("personal")
+    # leave_one_domain_out: the domain (of data.dataset) no client trains on; every client's model
+    # is evaluated on its test images
+    held_out: str = added("")
+    # cross_dataset: the data sets (names as data.dataset; loaded with the run's [data] keys, every
+    # domain) whose test sets every client's model is evaluated on, with their own class names
+    targets: list[str] = added(factory=list)
 
 
 @dataclass
@@ -539,6 +549,7 @@ def validate(cfg: Config) -> None:
     _need(t.client_block >= 1, f"train.client_block = {t.client_block}: expected >= 1 (1: one client at a time)")
     _need(cfg.eval.protocol in PROTOCOLS,
           f"eval.protocol = {cfg.eval.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    _validate_eval(cfg)
     _need(t.eval_batch_size >= 1, f"train.eval_batch_size = {t.eval_batch_size}: expected >= 1")
     _need(t.lr > 0, f"train.lr = {t.lr}: expected > 0")
     _need(t.local_epochs <= MAX_ROUNDS, f"train.local_epochs = {t.local_epochs}: expected <= {MAX_ROUNDS}")
@@ -576,6 +587,27 @@ def validate(cfg: Config) -> None:
           f"run.eval_clients = {cfg.run.eval_clients!r}: expected all or participants")
     if _METHODS[cfg.algorithm].check is not None:      # the method's needs of the shared sections
         _METHODS[cfg.algorithm].check(cfg)
+
+
+def _validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    _need(e.protocol != "leave_one_domain_out" or e.held_out,
+          "eval.protocol = 'leave_one_domain_out' needs eval.held_out (the domain no client trains on)")
+    _need(not e.held_out or e.protocol == "leave_one_domain_out",
+          f"eval.held_out = {e.held_out!r}: only for eval.protocol = 'leave_one_domain_out' "
+          f"(got {e.protocol!r})")
+    _need(isinstance(e.targets, list) and all(isinstance(t, str) for t in e.targets),
+          f"eval.targets = {_short(e.targets)}: expected a list of data-set names")
+    _need(e.protocol != "cross_dataset" or e.targets,
+          "eval.protocol = 'cross_dataset' needs eval.targets (the data sets to evaluate on)")
+    _need(not e.targets or e.protocol == "cross_dataset",
+          f"eval.targets = {e.targets!r}: only for eval.protocol = 'cross_dataset' (got {e.protocol!r})")
+    _need(len(set(e.targets)) == len(e.targets), f"eval.targets = {e.targets!r}: a data set is listed twice")
+    if e.targets:
+        from .data.datasets import available
+        names = available()
+        for t in e.targets:
+            _need(t in names, f"eval.targets: {t!r} is not a data set; expected some of {', '.join(names)}")
 
 
 # The embedded quick-start: the shipped micro CLIP on held-out digits with domain shift.

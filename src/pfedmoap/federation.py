@@ -167,6 +167,7 @@ class Federation:
     def _open_results(self, run_dir: Path, start: int) -> None:
         fields = {lg.name: store.Field(np.dtype(lg.dtype).type, "", lg.description, tuple(lg.shape))
                   for lg in self.logs.values()}
+        fields.update(self.build.protocol.fields)     # the evaluation protocol's metrics (protocols.py)
         if start > 0:
             self.results = store.Results.reopen(run_dir, start, fields, list(PHASES), self.comm.size)
         else:
@@ -177,7 +178,7 @@ class Federation:
                      "config_hash": self.run_hash, "dp_noise_multiplier": self.build.dp_noise,
                      "dp_delta": self.cfg.dp.delta,
                      "dp_epsilon": np.nan if self.build.dp_epsilon is None else self.build.dp_epsilon[-1],
-                     **self._dp_attrs()}
+                     **self._dp_attrs(), **self.build.protocol.attrs}
             self.results = store.Results(run_dir, attrs, self.build.partition_arrays(), list(PHASES), fields)
             self.results.create()         # every round's row reserved; the file exists from now on
         store.write_text(run_dir / "config.toml", self.cfg.to_toml())   # the full config, readable
@@ -244,13 +245,20 @@ class Federation:
         # the round's evaluated clients (every one by default) on their own test splits
         client_logs = [lg for lg in self.logs.values() if lg.side == "client"]
         n_dom = len(self.dataset.domain_names)
-        width = 3 + n_dom + sum(int(np.prod(lg.shape)) for lg in client_logs)
+        evaluator, protocol = self.build.evaluator, self.build.protocol
+        width = 3 + n_dom + sum(int(np.prod(lg.shape)) for lg in client_logs) + protocol.width
         metrics = np.full((len(self.mine), width), np.nan, np.float32)
         t = time.perf_counter()
         row = {int(self.mine[i]): i for i in hosted_eval.tolist()}      # client id -> its metrics row
+        if evaluator is not None and row:
+            evaluator.begin_round(r, [down, eval_down])
         for block in self.client.blocks(list(row)):
-            results = self.client.evaluate_block([self.states[c] for c in block], [self.build.data[c] for c in block],
-                                                 r, block, [{**down[c], **eval_down[c]} for c in block])
+            states, datas = [self.states[c] for c in block], [self.build.data[c] for c in block]
+            downs = [{**down[c], **eval_down[c]} for c in block]
+            results = self.client.evaluate_block(states, datas, r, block, downs)
+            if evaluator is not None:       # the protocol's scores, in the last columns
+                metrics[[row[c] for c in block], width - protocol.width:] = evaluator.evaluate(
+                    self.client, r, block, states, datas, downs)
             for c, res in zip(block, results, strict=True):
                 if len(self.build.data[c].test_y):
                     _check_finite(r, c, {"test loss": res.loss}, "evaluation")
@@ -285,6 +293,10 @@ class Federation:
         for lg in client_logs:
             size = int(np.prod(lg.shape))
             logs[lg.name] = metrics[:, at:at + size].reshape(N, *lg.shape).astype(lg.dtype)
+            at += size
+        for name, f in protocol.fields.items():      # columns in field order (protocols.Protocol)
+            size = int(np.prod(f.shape))
+            logs[name] = metrics[:, at:at + size].reshape(N, *f.shape)
             at += size
         self.results.append(store.RoundRecord(
             accuracy=metrics[:, 0], macro_f1=metrics[:, 1], loss=metrics[:, 2], participated=is_part,

@@ -66,6 +66,10 @@ class Setup:
     ctx_shape: tuple[int, int]       # (n_ctx, width) of one prompt
     dp_noise: float = 0.0            # the noise multiplier uploads get (dp.noise_multiplier, or solved from dp.epsilon)
     dp_sensitivity: float = 0.0      # the L2 sensitivity of an upload (docs/privacy.md); noise std = dp_noise * it
+    # The encoder of the class names the clients train on, where `encoder` holds others: a client
+    # part built to evaluate on other classes (docs/protocols.md) trains, if its evaluation trains
+    # (PromptFL+FT's fine-tuning), only with the training classes. None: `encoder`.
+    train_encoder: object = None
 
     @property
     def prompt_size(self) -> int:
@@ -86,6 +90,9 @@ class ClientData:
     # data.augment = "fresh": (round, local epoch) -> (n, D), a new view of every image, precomputed
     # outside the training step (data/features.py FreshViews)
     fresh_views: Callable[[int, int], torch.Tensor] | None = None
+    # DataNeeds.images: the client's images for the image tower (data/features.py ClientImages):
+    # `.test` (n_test, 3, H, W) and `.train(round, epoch, gen)` (n, 3, H, W), augmented as data.augment says
+    images: object | None = None
 
     def train_features(self, round_: int, epoch: int, gen: torch.Generator | None = None) -> torch.Tensor:
         """(n, D): the training features of local epoch `epoch` of round `round_`: the clean ones
@@ -200,6 +207,7 @@ class ClientPart:
         s = method.setup
         self.method, self.cfg, self.options = method, method.cfg, method.options
         self.encoder, self.backbone, self.ctx_shape = s.encoder, s.backbone, s.ctx_shape
+        self.train_encoder = s.train_encoder or s.encoder
         self.logit_scale = s.backbone.logit_scale
         self._text: dict[int, torch.Tensor] = {}     # evaluation text features of unchanged prompts
         self._purpose = "batches"                    # of the local training under way (after_backward)
@@ -242,6 +250,13 @@ class ClientPart:
         text = self.own_text(state, cid).unsqueeze(0)
         return self.score(data, lambda x: (self.logit_scale * x @ text[0].t(), None))
 
+    def evaluate_global(self, state, data: ClientData, round_: int, cid: int,
+                        down: dict[str, np.ndarray]) -> EvalResult | None:
+        """The method's global model (where it has one) on `data`'s test split; None: it has none.
+        Asked by the evaluation protocols that report it (eval.protocol "dual", "base2novel"),
+        with the client's downloads of the round (fit and evaluation)."""
+        return None
+
     # -------------------------------------------------------------- blocks of clients
     # The round loop hands the client part its hosted clients a block at a time. The defaults train
     # and evaluate them one by one; a method that trains a block in one batched computation sets
@@ -249,6 +264,13 @@ class ClientPart:
     # batched training). Blocks are the clients of one id-block (id // train.client_block): ranks
     # host whole id-blocks (comm.place_clients), so a block is the same at any number of ranks.
     block_training = False
+
+    def __init_subclass__(cls, **kwargs):
+        # A subclass that changes `fit` or `evaluate` trains one client at a time unless it says
+        # otherwise: an inherited batched path would bypass its own per-client code.
+        super().__init_subclass__(**kwargs)
+        if ("fit" in cls.__dict__ or "evaluate" in cls.__dict__) and "block_training" not in cls.__dict__:
+            cls.block_training = False
 
     def blocks(self, cids: list[int]) -> list[list[int]]:
         """This rank's clients of a phase (ascending ids), grouped into the blocks the loop hands over."""
@@ -363,15 +385,17 @@ class ClientPart:
                     dp.clip_gradient_(grad[b][self.released_rows()], clip)
 
     def local_train(self, groups: list[Group], loss, data: ClientData, round_: int, cid: int, *,
-                    purpose: str = "batches", epochs: int | None = None, inputs=None, penalty=None) -> float:
+                    purpose: str = "batches", epochs: int | None = None, inputs=None, penalty=None,
+                    batch_size: int | None = None) -> float:
         """training.train for one client: its batches drawn by (seed, `purpose`, round, client) from
         `inputs(epoch, gen)` (default: its training features, augmented as data.augment says),
-        `epochs` local epochs (default train.local_epochs). Returns the mean loss."""
+        `epochs` local epochs (default train.local_epochs), batches of `batch_size` (default
+        train.batch_size). Returns the mean loss."""
         t = self.cfg.train
         self._purpose = purpose             # after_backward clips the round's training only
         gen = rng.torch_generator(self.cfg.seed, purpose, round_, cid)
         inputs = inputs or (lambda epoch, g: data.train_features(round_, epoch, g))
-        return training.train(groups, loss, training.Batches(data.train_y, inputs, t.batch_size, gen),
+        return training.train(groups, loss, training.Batches(data.train_y, inputs, batch_size or t.batch_size, gen),
                               epochs or t.local_epochs, penalty=penalty, after_backward=self.after_backward,
                               where=f"round {round_ + 1}, client {cid}")
 

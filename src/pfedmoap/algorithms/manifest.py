@@ -28,6 +28,10 @@ class DataNeeds:
     Every method gets the pooled features (ClientData.train_x / test_x, one vector per image)."""
     # also the patch features (ClientData.train_dense / test_dense, (n, M, D)); then no augmented views
     dense: bool = False
+    # also the images themselves, preprocessed for the image tower (ClientData.images, a
+    # data.features.ClientImages): for a method that trains inside the image tower, where frozen
+    # features cannot serve; its training views follow data.augment as the features' do
+    images: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,10 @@ class Manifest:
             raise PFedMoAPError(f"{what}: algorithm = {self.name!r} uses dense (patch) image features, which "
                                 f"are not computed for augmented views; set data.augment = 'none' and "
                                 f"data.augment_views = 0")
+
+        if self.data.images and self.data.dense:
+            raise PFedMoAPError(f"algorithm = {self.name!r}: its manifest asks for both images and dense "
+                                f"features; only one of them is supported")
 
     def rounds_for(self, cfg) -> int:
         """The rounds a run of this method with config `cfg` has."""

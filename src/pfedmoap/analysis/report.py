@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..errors import PFedMoAPError
 from .figures import plot_runs
+from .protocols import protocol_table
 from .paper_tables import TABLE_FORMATS, format_paper_table, paper_table
 from .runs import load_run
 from .summary import check_format, format_table, summarize
@@ -23,6 +24,8 @@ def report_main(paths: list[str], fmt: str = "table", plot_dir: str | None = Non
         raise PFedMoAPError("report: no run directory given; expected at least one")
     runs = [load_run(p) for p in paths]
     text = format_table(summarize(runs), fmt)
+    if fmt != "csv":                 # the evaluation protocols' metrics (CSV stays one table)
+        text += protocol_table(runs)
     if plot_dir is not None:
         text += _plot(runs, plot_dir, fmt != "csv")    # CSV output stays machine-readable
     return text

@@ -87,13 +87,17 @@ class PromptEncoder:
     def n_classes(self) -> int:
         return self.suffix.shape[0]
 
-    def __call__(self, ctx: torch.Tensor) -> torch.Tensor:
-        """ctx (n_ctx, W) -> L2-normalised text features (C, D); differentiable w.r.t. ctx."""
-        if self._graph_for(ctx):
+    def __call__(self, ctx: torch.Tensor, hook=None) -> torch.Tensor:
+        """ctx (n_ctx, W) -> L2-normalised text features (C, D); differentiable w.r.t. ctx.
+
+        `hook(i, block, x_in, x_out)`, when given, is called after every residual block i and returns
+        the next block's input (per-token adapters, clip/adapters.py); both fast paths stay exact
+        for a hook that acts on each token alone."""
+        if hook is None and self._graph_for(ctx):
             return self._graphed(ctx.unsqueeze(0))[0]
         ctx = ctx.to(self.sos.device, self.cast)
         with self.backbone.autocast():
-            x = self._encode_shared(ctx) if self.shared_prefix else self._encode_full(ctx)
+            x = self._encode_shared(ctx, hook) if self.shared_prefix else self._encode_full(ctx, hook)
         return F.normalize(x.float(), dim=-1)
 
     def _project(self, eos_states: torch.Tensor) -> torch.Tensor:
@@ -106,20 +110,25 @@ class PromptEncoder:
     def _mask(self) -> torch.Tensor:
         return self.tower.attn_mask[:self.length, :self.length].to(self.sos.device)
 
-    def _encode_full(self, ctx: torch.Tensor) -> torch.Tensor:
+    def _encode_full(self, ctx: torch.Tensor, hook=None) -> torch.Tensor:
         C = self.n_classes
         x = torch.cat([self.sos.expand(C, -1, -1), ctx.unsqueeze(0).expand(C, -1, -1), self.suffix], dim=1)
         x = x + self.tower.positional_embedding[:self.length].to(x.dtype)
-        x = self.tower.transformer(x, attn_mask=self._mask())
+        if hook is None:
+            x = self.tower.transformer(x, attn_mask=self._mask())
+        else:
+            from .adapters import run_blocks
+            x = run_blocks(self.tower.transformer, x, hook, attn_mask=self._mask())
         return self._project(x[torch.arange(C), self.eos])
 
-    def _encode_shared(self, ctx: torch.Tensor) -> torch.Tensor:
+    def _encode_shared(self, ctx: torch.Tensor, hook=None) -> torch.Tensor:
         C, p = self.n_classes, 1 + self.n_ctx
         pos = self.tower.positional_embedding[:self.length].to(ctx.dtype)
         prefix = torch.cat([self.sos[0], ctx], dim=0).unsqueeze(0) + pos[:p]     # (1, p, W)
         suffix = self.suffix + pos[p:]                                           # (C, s, W)
         mask = self._mask()
-        for block in self.tower.transformer.resblocks:
+        for i, block in enumerate(self.tower.transformer.resblocks):
+            prefix_in, suffix_in = prefix, suffix
             h_pre = block.ln_1(prefix)
             h_suf = block.ln_1(suffix)
             # The prefix attends only to itself (causal), exactly as inside every class's sequence.
@@ -130,6 +139,8 @@ class PromptEncoder:
             suffix = suffix + block.ls_1(block.attn(h_suf, kv, kv, need_weights=False,
                                                     attn_mask=mask[p:, :].to(h_suf.dtype))[0])
             suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
+            if hook is not None:
+                prefix, suffix = hook(i, block, prefix_in, prefix), hook(i, block, suffix_in, suffix)
         return self._project(suffix[torch.arange(C), self.eos - p])
 
     def encode_block(self, ctxs: torch.Tensor) -> torch.Tensor:

@@ -411,3 +411,51 @@ class FreshViews:
     def for_client(self, cid: int):
         """The client's `ClientData.fresh_views`: (round, epoch) -> (n_c, D)."""
         return lambda round_, epoch: self.features(cid, round_, epoch)
+
+
+# ---------------------------------------------------------------------------- images for the image tower
+#
+# For methods whose manifest needs the images (`DataNeeds(images=True)`: they train inside the image
+# tower, so frozen features cannot serve them). The test images and the clean training images are
+# preprocessed once (CLIP's eval preprocessing); the training views are made when an epoch asks for
+# them, with exactly the crops and flips the cached features of the same data.augment would have
+# (view v of image i keyed by (v, i) as `compute`; the fresh view by `fresh_seed`), so they never
+# depend on the number of ranks, on resume, or on which other images a rank holds.
+
+class ClientImages:
+    """One client's images, (k, 3, H, W) float32 on `device`.
+
+    `test`: its test images; `train(round, epoch, gen)`: its training images of that local epoch:
+    the clean ones (data.augment "none"), a random one of `views` views per image drawn from `gen`
+    ("views": the draw ClientData.train_features makes), or each image's fresh view ("fresh")."""
+
+    def __init__(self, backbone, dataset, train_ids: np.ndarray, test_ids: np.ndarray, seed: int,
+                 mode: str = "none", views: int = 0, device="cpu"):
+        self.split, self.seed, self.mode, self.views, self.device = dataset.train, seed, mode, views, device
+        self.train_ids = np.asarray(train_ids, np.int64)
+        self.preprocess, self.augment = backbone.preprocess, train_transform(backbone)
+        self.clean = self._stack(dataset.train, self.train_ids, self.preprocess)
+        self.test = self._stack(dataset.test, np.asarray(test_ids, np.int64), self.preprocess)
+
+    def _stack(self, split, ids, transform, seeds=None) -> torch.Tensor:
+        if len(ids) == 0:           # a client without images here: an empty batch of the right shape
+            probe = self.preprocess(split.load(0)) if len(split) else torch.zeros(3, 1, 1)
+            return torch.zeros((0, *probe.shape)).to(self.device)
+        out = []
+        with torch.random.fork_rng(devices=[]):
+            for k, i in enumerate(ids):
+                if seeds is not None:
+                    torch.manual_seed(seeds[k])
+                out.append(transform(split.load(int(i))))
+        return torch.stack(out).to(self.device)
+
+    def train(self, round_: int, epoch: int, gen: torch.Generator | None = None) -> torch.Tensor:
+        ids = self.train_ids
+        if self.mode == "views" and self.views:
+            view = torch.randint(self.views, (len(ids),), generator=gen)
+            seeds = [rng.key(0, "augment", int(v), int(i)) for v, i in zip(view, ids)]
+        elif self.mode == "fresh":
+            seeds = [fresh_seed(self.seed, int(i), round_, epoch) for i in ids]
+        else:
+            return self.clean
+        return self._stack(self.split, ids, self.augment, seeds)

@@ -83,6 +83,13 @@ class PromptFLClient(ClientPart):
         return None
 
     def evaluate(self, state, data, round_, cid, down):
+        return self.with_global_prompt(data, round_, down)
+
+    def evaluate_global(self, state, data, round_, cid, down):
+        """The global model: the global prompt sent for evaluation (the round's FedAvg)."""
+        return self.with_global_prompt(data, round_, down)
+
+    def with_global_prompt(self, data, round_, down):
         if self._global_text is None or self._global_text[0] != round_:     # once per rank and round
             with torch.no_grad():
                 self._global_text = (round_, self.encoder(self.prompt(down["global_prompt"])))

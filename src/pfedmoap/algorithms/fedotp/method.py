@@ -131,6 +131,17 @@ class Client(ClientPart):
         text = torch.stack([self._global[1], self._local[cid]])
         return self.score(replace(data, test_x=data.test_dense), lambda x: (self.logits(text, x), None))
 
+    def evaluate_global(self, state: State, data, round_, cid, down):
+        """The global model: the global prompt alone, scored as CLIP scores a CoOp prompt (the
+        pooled image feature against its text features). FedOTP's OT needs a client's local prompt
+        beside the global one (with one prompt the plan is uniform); the global prompt is a CoOp
+        prompt trained by FedAvg, as PromptFL's."""
+        if self._global is None or self._global[0] != round_:
+            with torch.no_grad():
+                self._global = (round_, self.encoder(self.prompt(down["global_prompt"])))
+        text = self._global[1]
+        return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
+
 
 class FedOTP(Method):
     """Global (FedAvg) and local prompts matched to image patches by optimal transport (FedOTP, Li et al. 2024)."""

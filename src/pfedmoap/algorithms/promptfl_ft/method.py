@@ -28,6 +28,7 @@ from ..coop.method import PromptFL, PromptFLClient
 
 class Client(PromptFLClient):
     """PromptFL's client; evaluated with a locally fine-tuned copy of the global prompt."""
+    block_training = True         # the fine-tuning of a block is batched (evaluate_block)
 
     def epochs(self) -> int:
         return self.options.epochs or self.cfg.train.local_epochs
@@ -40,6 +41,10 @@ class Client(PromptFLClient):
         copy = PromptState(ctx=global_ctx.clone())
         self.train_prompt(copy, data, round_, cid, purpose="finetune", epochs=self.epochs())
         return copy.ctx
+
+    def evaluate_global(self, state, data, round_, cid, down):
+        """The global model: the global prompt before any fine-tuning (PromptFL's)."""
+        return self.with_global_prompt(data, round_, down)
 
     def evaluate(self, state, data, round_, cid, down):
         ctx = self.finetune(self.prompt(down["global_prompt"]), data, round_, cid)

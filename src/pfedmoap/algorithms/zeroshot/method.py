@@ -22,6 +22,10 @@ class Client(ClientPart):
             self._text["hand"] = self.backbone.encode_texts([self.cfg.prompt.template.format(c) for c in names])
         return self._text["hand"]
 
+    def evaluate_global(self, state, data, round_, cid, down):
+        """The hand prompt is every client's model and the global one."""
+        return self.evaluate(state, data, round_, cid, down)
+
 
 class ZeroShot(Method):
     Server, Client = Server, Client
