@@ -104,8 +104,8 @@ def env() -> None:
     print(text.strip()[:1500], flush=True)
 
 
-def steps() -> None:
-    for model, C in STEP_MODELS:
+def steps(models) -> None:
+    for model, C in models:
         name = f"step-{model}-C{C}"
         js = OUT / f"{name}.json"
         piece(name, [PY, "tools/benchmark.py", "blockstep", "--model", model, "--device", DEVICE,
@@ -127,8 +127,8 @@ def round_sets(model: str, B: int) -> list[str]:
     return sets
 
 
-def rounds() -> None:
-    for B in RBLOCKS:
+def rounds(blocks) -> None:
+    for B in blocks:
         for graph in (False, True) if (DEVICE == "cuda" and B in (1, 16)) else (False,):
             name = f"round-{ROUND_MODEL}-B{B}" + ("-graph" if graph else "")
             sets = round_sets(ROUND_MODEL, B) + (["run.cuda_graph=true"] if graph else [])
@@ -144,10 +144,10 @@ def rounds() -> None:
                           + ", ".join(f"{p} {s:.2f}" for p, s in zip(r["phases"], r["phase_s_per_round"])), flush=True)
 
 
-def paper() -> None:
+def paper(blocks) -> None:
     cfg = ROOT / "src/pfedmoap/configs/paper/cifar100.toml"
     # id-blocks: with 10% of 100 clients sampled, B = 100 puts a round's participants in one block
-    for B in ((10, 1) if TINY else (100, 1)):
+    for B in blocks:
         name = f"paper-cifar100-B{B}"
         run_dir = OUT / "runs" / name
         sets = [f"model.name={PAPER_MODEL}", "model.pretrained=", f"model.device={DEVICE}", f"model.precision={PREC}",
@@ -177,9 +177,13 @@ def paper() -> None:
 def main() -> None:
     print(f"gpu_check: device {DEVICE} {PREC}, budget {BUDGET:.0f} s, output {OUT.resolve()}"
           + (" (GPU_CHECK_TINY: tiny CPU settings)" if TINY else ""), flush=True)
-    for part in (env, steps, rounds, paper):
+    big = 10 if TINY else 100         # B = n_clients of the paper config: a round's participants in one block
+    # the most wanted figures first; what does not fit the budget is skipped
+    plan = [(env, ()), (steps, (STEP_MODELS[:2],)), (rounds, (RBLOCKS[:2],)), (paper, ((big,),)),
+            (steps, (STEP_MODELS[2:],)), (rounds, (RBLOCKS[2:],)), (paper, ((1,),))]
+    for part, args in plan:
         try:
-            part()
+            part(*args)
         except Exception as e:            # noqa: BLE001 -- one line, the rest goes on
             print(f"[{part.__name__}] failed: {type(e).__name__}: {e}", flush=True)
         (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
