@@ -5,6 +5,8 @@
     python tools/benchmark.py memory [--clients 1000] [--model ViT-B-32]
     python tools/benchmark.py round  [--set key=value ...] [--no-variants]
     python tools/benchmark.py scale  [--set key=value ...] [--router-only] [--clients 100,1000,10000] [--ranks 1,3]
+    python tools/benchmark.py ops    [--blocks 1,2,4,8] [--methods local,pfedmoap] [--set key=value ...]
+    python tools/benchmark.py blockstep [--model ViT-B-16] [--device cuda] [--precision bf16] [--blocks 1,4,16,64]
 
 step    one training step (batch 32, 16 context tokens, one torch thread) on a ViT-B-32-size
         random-init model: the reference-style step (image tower on the batch + full 77-token text
@@ -19,6 +21,14 @@ scale   N = 100, 1,000, 10,000 clients x 20 rounds on tiny-clip + synthetic data
         under mpiexec -n 3: seconds per round by phase, the results.h5 commit per round, checkpoint
         time and size, framework overhead, memory per rank; and the server's router.route cost for
         the round's participants.
+
+ops     client blocks (train.client_block = B, issue 24) through the real round loop on tiny-clip +
+        synthetic data: aten ops (torch.profiler) per client-step of local training and per round,
+        and wall seconds per round, at each B; target at B = 8: ops per client-step <= 1/6 of B = 1's.
+blockstep  one block training step of B clients (the batched text pass, per-client losses, StackedSGD;
+        cached image features, batch 32 each) on a model/device/precision: ms per step and per
+        client-step, aten ops per client-step, and on CUDA the GPU busy fraction (kernel time / wall),
+        with and without run.cuda_graph (--cuda-graph both|on|off).
 
 `--set key=value` overrides the scenario's config exactly as `pfedmoap run --set` does.
 """
@@ -694,12 +704,176 @@ def cmd_scale(args) -> None:
     print(f"(figures as JSON: {tmp / 'summary.json'})")
 
 
+# ---------------------------------------------------------------------------- client blocks
+
+OPS_SETS = ["model.name=tiny-clip", "model.pretrained=", "data.dataset=synthetic", "data.partition=iid",
+            "data.n_clients=16", "data.n_train=1280", "data.n_test=320", "data.n_classes=10", "data.cache_dir=",
+            "rounds=3", "train.local_epochs=1", "train.batch_size=32", "run.threads=1", "run.progress=false",
+            "run.checkpoint_every=0", "run.eval_every=1"]
+
+
+def count_aten(prof) -> int:
+    """aten ops the profiler recorded (every call, nested ones included: a consistent proxy of the
+    operators dispatched, hence of kernel launches on a GPU)."""
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def client_steps(fed, cids) -> int:
+    t = fed.cfg.train
+    return sum(t.local_epochs * (n // min(t.batch_size, n)) for n in (len(fed.build.data[c].train_y) for c in cids) if n)
+
+
+def ops_run(sets: list[str], out_dir: str) -> dict:
+    """Round 0 warms up; round 1's local training (every fit_block) is profiled; round 2 is profiled whole."""
+    from torch.profiler import ProfilerActivity, profile
+    from pfedmoap import comm, config, federation
+    cfg = config.load(None, sets)
+    fed = federation.Federation(cfg, comm.LocalComm())
+    got = {"train_ops": 0, "round_ops": 0, "steps": 0, "round_s": []}
+    fit_block, run_round = fed.client.fit_block, fed._round
+    current = {"r": -1}
+
+    def profiled_fit(states, datas, r, cids, downs):
+        if current["r"] != 1:
+            return fit_block(states, datas, r, cids, downs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = fit_block(states, datas, r, cids, downs)
+        got["train_ops"] += count_aten(prof)
+        got["steps"] += client_steps(fed, cids)
+        return out
+
+    def profiled_round(r):
+        current["r"] = r
+        t = time.perf_counter()
+        if r == 2:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run_round(r)
+            got["round_ops"] = count_aten(prof)
+        else:
+            run_round(r)
+        got["round_s"].append(time.perf_counter() - t)
+
+    fed.client.fit_block, fed._round = profiled_fit, profiled_round
+    fed.run(out_dir, "overwrite")
+    got["ops_per_client_step"] = got["train_ops"] / max(1, got["steps"])
+    return got
+
+
+def cmd_ops(args) -> None:
+    header("ops: aten ops per client-step and per round at client block B (torch.profiler, CPU)")
+    tmp = Path(tempfile.mkdtemp(prefix="pfedmoap-ops-"))
+    sets = OPS_SETS + args.sets
+    print(f"scenario: {' '.join(sets)}")
+    print("ops/client-step: round 1's local training (every fit_block profiled) / its client-steps; "
+          "ops/round: round 2 profiled whole; s/round: round 0's wall time (not profiled)")
+    summary = {}
+    for method in args.methods:
+        base = None
+        print(f"\n{method}:   B   ops/client-step   (vs B=1)   ops/round   (vs B=1)   s/round (round 0)")
+        for B in args.blocks:
+            extra = ["moe.n_experts=4"] if method == "pfedmoap" else []
+            r = ops_run([f"algorithm={method}"] + sets + extra + [f"train.client_block={B}"], str(tmp / f"{method}-{B}"))
+            base = base or r
+            summary[f"{method}/{B}"] = r
+            print(f"  {B:14d} {r['ops_per_client_step']:16,.0f} {base['ops_per_client_step'] / r['ops_per_client_step']:9.2f}x"
+                  f" {r['round_ops']:11,d} {base['round_ops'] / r['round_ops']:9.2f}x {r['round_s'][0]:11.2f}")
+        if 8 in args.blocks and 1 in args.blocks:
+            ratio = summary[f"{method}/1"]["ops_per_client_step"] / summary[f"{method}/8"]["ops_per_client_step"]
+            print(f"  target at B = 8: ops per client-step <= 1/6 of B = 1's: {ratio:.1f}x fewer "
+                  f"({'met' if ratio >= 6 else 'MISSED'})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary))
+
+
+def busy_fraction(prof, wall_s: float) -> float:
+    """GPU kernel time over wall time of the profiled window (kernels of one stream do not overlap)."""
+    total_us = 0.0
+    for e in prof.key_averages():
+        dev = str(getattr(e, "device_type", ""))
+        if dev.endswith("CUDA"):
+            total_us += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+    return total_us * 1e-6 / wall_s if wall_s > 0 else float("nan")
+
+
+def cmd_blockstep(args) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    import torch.nn.functional as F
+    from pfedmoap.algorithms.training import Group, Recipe, StackedSGD
+    from pfedmoap.clip.backbone import Backbone
+    from pfedmoap.clip.prompt import PromptEncoder
+
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("blockstep: --device cuda but torch.cuda.is_available() is False")
+    bb = Backbone(args.model, pretrained="", device=args.device, precision=args.precision, seed=0)
+    dev = bb.device
+    D, bs, n_ctx = bb.embed_dim, 32, 16
+    W = bb.model.token_embedding.weight.shape[1] if hasattr(bb.model, "token_embedding") \
+        else bb.model.text.token_embedding.weight.shape[1]
+    header(f"blockstep: {args.model} random init on {dev} ({args.precision}), C = {args.classes} classes, "
+           f"batch {bs} per client, n_ctx {n_ctx}, truncate_eos {args.truncate}, shared_prefix {args.prefix}")
+    names = [f"class {i}" for i in range(args.classes)]
+    graphs = {"both": [False, True], "on": [True], "off": [False]}[args.cuda_graph] if cuda else [False]
+    rows = []
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for graph in graphs:
+        enc = PromptEncoder(bb, names, n_ctx, truncate=args.truncate, shared_prefix=args.prefix, cuda_graph=graph)
+        for B in args.blocks:
+            g = torch.Generator().manual_seed(B)
+            ctx = (torch.randn(B, n_ctx, W, generator=g) * 0.02).to(dev).requires_grad_(True)
+            x = F.normalize(torch.randn(B, bs, D, generator=g), dim=-1).to(dev)
+            y = torch.randint(args.classes, (B, bs), generator=g).to(dev)
+            opt = StackedSGD(Group([ctx], Recipe(lr=0.002, momentum=0.9, weight_decay=5e-4)), 1)
+            opt.set_epochs([0] * B)
+            active = [True] * B
+
+            def step():
+                text = enc.encode_block(ctx)
+                logits = bb.logit_scale * torch.bmm(x, text.transpose(1, 2))
+                loss = F.cross_entropy(logits.reshape(-1, args.classes), y.reshape(-1), reduction="none")
+                opt.zero_grad()
+                (loss.view(B, bs).mean(1)).sum().backward()
+                opt.step(active)
+            try:
+                for _ in range(3):
+                    step()
+                sync()
+                t, _ = timeit(lambda: (step(), sync()), args.repeats, 0)
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                with profile(activities=acts) as prof:
+                    t0 = time.perf_counter()
+                    step()
+                    sync()
+                    wall = time.perf_counter() - t0
+                ops = count_aten(prof)
+                busy = busy_fraction(prof, wall) if cuda else float("nan")
+            except Exception as e:       # e.g. out of memory at a large B: one line, the rest goes on
+                print(f"  cuda_graph {str(graph):5} B {B:4d}: failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+                if cuda:
+                    torch.cuda.empty_cache()
+                continue
+            row = {"model": args.model, "device": str(dev), "precision": args.precision, "cuda_graph": graph and enc.cuda_graph,
+                   "B": B, "classes": args.classes, "ms_per_step": t * 1e3, "ms_per_client_step": t * 1e3 / B,
+                   "aten_ops_per_step": ops, "aten_ops_per_client_step": ops / B, "gpu_busy": busy}
+            rows.append(row)
+            print(f"  cuda_graph {str(row['cuda_graph']):5} B {B:4d}: {row['ms_per_step']:9.2f} ms/step "
+                  f"{row['ms_per_client_step']:8.3f} ms/client-step  {ops / B:9,.0f} aten ops/client-step"
+                  + (f"  GPU busy {100 * busy:5.1f}%" if cuda else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
+
+
 # ---------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("step", "memory", "round", "scale", "_round1", "_scale1"):
+    for name in ("step", "memory", "round", "scale", "ops", "blockstep", "_round1", "_scale1"):
         s = sub.add_parser(name)
         s.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
         if name == "step":
@@ -721,13 +895,31 @@ def main(argv=None) -> None:
             s.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")], default=[100, 1000, 10000])
             s.add_argument("--ranks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 3],
                            help="1: one process; R > 1: mpiexec -n R (rank 0 the server)")
+        if name == "ops":
+            s.add_argument("--blocks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8])
+            s.add_argument("--methods", type=lambda v: v.split(","), default=["local", "pfedmoap"])
+            s.add_argument("--json", default="")
+        if name == "blockstep":
+            s.add_argument("--model", default="ViT-B-16")
+            s.add_argument("--device", default="cuda")
+            s.add_argument("--precision", default="bf16")
+            s.add_argument("--classes", type=int, default=10)
+            s.add_argument("--blocks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16, 64])
+            s.add_argument("--repeats", type=int, default=10)
+            s.add_argument("--threads", type=int, default=1)
+            s.add_argument("--cuda-graph", default="both", choices=["both", "on", "off"])
+            s.add_argument("--truncate", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                           help="run.truncate_eos (false: the GPU's faster setting, docs/gpu-figures.md)")
+            s.add_argument("--prefix", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                           help="run.shared_prefix")
+            s.add_argument("--json", default="")
         if name in ("_round1", "_scale1"):
             s.add_argument("--out", required=True)
         if name == "_scale1":
             s.add_argument("--json", required=True)
     args = p.parse_args(argv)
     {"step": cmd_step, "memory": cmd_memory, "round": cmd_round, "scale": cmd_scale,
-     "_round1": cmd_round1, "_scale1": cmd_scale1}[args.command](args)
+     "ops": cmd_ops, "blockstep": cmd_blockstep, "_round1": cmd_round1, "_scale1": cmd_scale1}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class Build:
         self.partition = make_partition(self.dataset, part_cfg, cfg.seed)
         self.N = len(self.partition.train)
         self.n_train = np.array([len(t) for t in self.partition.train], np.int64)
-        self.owner = comm_mod.place_clients(self.n_train, comm.size)
+        self.owner = comm_mod.place_clients(self.n_train, comm.size, cfg.train.client_block)
         self.mine = np.flatnonzero(self.owner == comm.rank)
         m = cfg.model
         self.backbone = Backbone(m.name, m.pretrained, m.device, m.precision, rng.key(cfg.seed, "backbone-init"))
@@ -60,7 +60,8 @@ class Build:
             feature_cache.check_dense(self.backbone)
         n_ctx = context_length(cfg.prompt.n_ctx, cfg.prompt.init, self.backbone)
         self.encoder = PromptEncoder(self.backbone, self.dataset.classnames, n_ctx,
-                                     truncate=cfg.run.truncate_eos, shared_prefix=cfg.run.shared_prefix)
+                                     truncate=cfg.run.truncate_eos, shared_prefix=cfg.run.shared_prefix,
+                                     cuda_graph=cfg.run.cuda_graph)
         ctx_shape = tuple(init_context(self.backbone, cfg.prompt.n_ctx, cfg.prompt.init, torch.Generator()).shape)
         setup = Setup(cfg, self.N, self.encoder, self.backbone, ctx_shape)
         self.method = method_cls(setup)

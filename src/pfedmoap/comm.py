@@ -232,33 +232,41 @@ def check_world_size(size: int, launched: tuple[int, str] | None) -> None:
         f"rebuild mpi4py against the launcher's MPI (README, 'MPI and clusters')")
 
 
-def place_clients(n_train: np.ndarray, size: int) -> np.ndarray:
+def place_clients(n_train: np.ndarray, size: int, block: int = 1) -> np.ndarray:
     """Owner rank of each client: rank 0 alone hosts all with one rank; otherwise ranks 1..size-1
-    host contiguous groups balanced by training-set size (deterministic from the data)."""
+    host contiguous groups balanced by training-set size (deterministic from the data). With
+    `block` > 1 (train.client_block) the groups are made of whole id-blocks (ids b*block ..
+    (b+1)*block-1), so that a block of clients trained together is the same at any number of ranks."""
     n = len(n_train)
     if size == 1:
         return np.zeros(n, np.int32)
     groups = size - 1
-    if groups > n:
-        raise PFedMoAPError(f"world size {size}: {groups} client ranks but only {n} clients "
-                            f"(data.n_clients); use at most {n + 1} ranks")
-    load = np.cumsum(np.maximum(n_train, 1), dtype=np.float64)
-    owner = np.empty(n, np.int32)
+    units = -(-n // block)
+    if groups > units:
+        if block == 1:
+            raise PFedMoAPError(f"world size {size}: {groups} client ranks but only {n} clients "
+                                f"(data.n_clients); use at most {n + 1} ranks")
+        raise PFedMoAPError(f"world size {size}: {groups} client ranks but only {units} blocks of "
+                            f"train.client_block = {block} clients ({n} clients); use at most {units + 1} "
+                            f"ranks or a smaller train.client_block")
+    weight = np.maximum(np.asarray(n_train, np.float64), 1)
+    load = np.cumsum(np.add.reduceat(weight, np.arange(0, n, block)) if block > 1 else weight)
+    owner = np.empty(units, np.int32)
     start = 0
     for g in range(groups):
         remaining_groups = groups - g - 1
         if remaining_groups == 0:
-            stop = n
+            stop = units
         else:
             target = load[-1] * (g + 1) / groups
             stop = int(np.searchsorted(load, target, side="left")) + 1
             # closer boundary of the two candidates, keeping one client per group at least
             if stop - 1 > start and abs(load[stop - 2] - target) <= abs(load[stop - 1] - target):
                 stop -= 1
-            stop = min(max(stop, start + 1), n - remaining_groups)
+            stop = min(max(stop, start + 1), units - remaining_groups)
         owner[start:stop] = g + 1
         start = stop
-    return owner
+    return np.repeat(owner, block)[:n]
 
 
 def agree(comm, error: PFedMoAPError | None) -> None:

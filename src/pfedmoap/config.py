@@ -161,6 +161,9 @@ class RunConfig:
     progress: bool = True         # a progress bar on a terminal (one process); lines per round otherwise
     truncate_eos: bool = True     # exact fast path: cut the text sequence after the last EOS
     shared_prefix: bool = True    # exact fast path: encode [SOS]+ctx once for every class
+    # CUDA only: capture the fixed-shape differentiable text pass in a CUDA graph (launch overhead);
+    # ignored with a warning on the CPU, falls back to the eager pass where capture fails
+    cuda_graph: bool = False
     # Evaluation schedule: every eval_every-th round evaluates `eval_clients` ("all" clients, or only
     # the round's "participants"); the other rounds evaluate nobody; the last round evaluates every
     # client. Not evaluated: NaN in results.h5 (/rounds/evaluated says who was). It never changes what is

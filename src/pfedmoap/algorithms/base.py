@@ -268,22 +268,46 @@ class ClientPart:
 
     # -------------------------------------------------------------- blocks of clients
     # The round loop hands the client part its hosted clients a block at a time. The defaults train
-    # and evaluate them one by one; a method that trains a block in one batched computation
-    # overrides `blocks` and `fit_block`/`evaluate_block`. To keep results independent of the
-    # number of ranks, its blocks must depend on the client ids only, not on which rank hosts them.
+    # and evaluate them one by one; a method that trains a block in one batched computation sets
+    # `block_training` and overrides `fit_block`/`evaluate_block` (train_prompt_block is CoOp's
+    # batched training). Blocks are the clients of one id-block (id // train.client_block): ranks
+    # host whole id-blocks (comm.place_clients), so a block is the same at any number of ranks.
+    block_training = False
+
+    def __init_subclass__(cls, **kwargs):
+        # A subclass that changes `fit` or `evaluate` trains one client at a time unless it says
+        # otherwise: an inherited batched path would bypass its own per-client code.
+        super().__init_subclass__(**kwargs)
+        if ("fit" in cls.__dict__ or "evaluate" in cls.__dict__) and "block_training" not in cls.__dict__:
+            cls.block_training = False
+
     def blocks(self, cids: list[int]) -> list[list[int]]:
         """This rank's clients of a phase (ascending ids), grouped into the blocks the loop hands over."""
-        return [[c] for c in cids]
+        B = self.cfg.train.client_block
+        if B == 1 or not self.block_training:
+            return [[c] for c in cids]
+        out: dict[int, list[int]] = {}
+        for c in cids:
+            out.setdefault(c // B, []).append(c)
+        return list(out.values())
 
     def fit_block(self, states: list, datas: list[ClientData], round_: int, cids: list[int],
                   downs: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        """`fit` for each client of the block; the uploads, in block order."""
-        return [self.fit(s, d, round_, c, dn) for s, d, c, dn in zip(states, datas, cids, downs)]
+        """`fit` for each client of the block; the uploads, in block order. The default with
+        `block_training` (CoOp, nothing sent): the block's prompts trained together."""
+        if len(cids) == 1 or not self.block_training:
+            return [self.fit(s, d, round_, c, dn) for s, d, c, dn in zip(states, datas, cids, downs)]
+        self.train_prompt_block(states, datas, round_, cids)
+        return [{} for _ in cids]
 
     def evaluate_block(self, states: list, datas: list[ClientData], round_: int, cids: list[int],
                        downs: list[dict[str, np.ndarray]]) -> list[EvalResult]:
-        """`evaluate` for each client of the block; the results, in block order."""
-        return [self.evaluate(s, d, round_, c, dn) for s, d, c, dn in zip(states, datas, cids, downs)]
+        """`evaluate` for each client of the block; the results, in block order. The default with
+        `block_training` (CoOp): the block's prompts encoded in one pass, each client scored with its own."""
+        if len(cids) == 1 or not self.block_training:
+            return [self.evaluate(s, d, round_, c, dn) for s, d, c, dn in zip(states, datas, cids, downs)]
+        texts = self.own_texts(states, cids)
+        return [self.score(d, lambda x, t=t: (self.logit_scale * x @ t.t(), None)) for d, t in zip(datas, texts)]
 
     # -------------------------------------------------------------- shared machinery
     def prompt(self, row: np.ndarray) -> torch.Tensor:
@@ -335,6 +359,16 @@ class ClientPart:
                 self._text[cid] = self.encoder(state.ctx)
         return self._text[cid]
 
+    def own_texts(self, states: list, cids: list[int]) -> list[torch.Tensor]:
+        """`own_text` of a block of clients; those not cached are encoded in one batched pass."""
+        todo = [b for b, c in enumerate(cids) if c not in self._text]
+        if todo:
+            with torch.no_grad():
+                feats = self.encoder.encode_block(torch.stack([states[b].ctx for b in todo]))
+            for b, f in zip(todo, feats):
+                self._text[cids[b]] = f
+        return [self._text[c] for c in cids]
+
     def recipe(self) -> Recipe:
         """How the prompt is optimised: CoOp's recipe from [train] (a method may set its own)."""
         return Recipe.from_train(self.cfg.train)
@@ -348,6 +382,16 @@ class ClientPart:
         clip = self.gradient_clip()
         if clip and self._purpose == "batches":
             dp.clip_gradient_(groups[0].params[0].grad[self.released_rows()], clip)
+
+    def after_backward_block(self, groups, active: list[bool]) -> None:
+        """`after_backward` for a block (train_block): the stacked prompt's gradient clipped per
+        active client (client b's gradient is that of its own loss)."""
+        clip = self.gradient_clip()
+        if clip and self._purpose == "batches":
+            grad = groups[0].params[0].grad
+            for b, a in enumerate(active):
+                if a:
+                    dp.clip_gradient_(grad[b][self.released_rows()], clip)
 
     def local_train(self, groups: list[Group], loss, data: ClientData, round_: int, cid: int, *,
                     purpose: str = "batches", epochs: int | None = None, inputs=None, penalty=None,
@@ -379,6 +423,43 @@ class ClientPart:
                                 penalty=None if penalty is None else (lambda: penalty(ctx)))
         state.ctx = ctx.detach()
         return loss
+
+    def train_prompt_block(self, states: list, datas: list[ClientData], round_: int, cids: list[int], *,
+                           logits=None, penalty=None, others: tuple[Group, ...] = (), purpose: str = "batches",
+                           epochs: int | None = None) -> list[float]:
+        """`train_prompt` for a block of clients in one batched computation: their prompts stacked
+        (B, n_ctx, W), one text-encoder pass over B*C sequences per step (PromptEncoder.encode_block),
+        the per-client cross-entropies summed (so each prompt's gradient is its own client's), one
+        StackedSGD of the prompt's recipe; each client's batches drawn by (seed, `purpose`, round,
+        client) as `local_train` draws them. logits(text (B, C, D), x (B, bs, D)) -> (B, bs, C)
+        (default: CLIP's per client); penalty(ctx (B, n_ctx, W)) -> (B,); `others`: per-client groups
+        (Group.client = the client's index in the block). Each client's result equals its
+        `train_prompt` up to float rounding (docs/benchmarks.md states the tolerance)."""
+        t = self.cfg.train
+        for c in cids:
+            self._text.pop(c, None)
+        self._purpose = purpose
+        logits = logits or (lambda text, x: self.logit_scale * torch.bmm(x, text.transpose(1, 2)))
+        ctx = torch.stack([s.ctx for s in states]).requires_grad_(True)
+
+        def loss(x, y, w):
+            out = logits(self.encoder.encode_block(ctx), x)
+            ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
+            return (ce.view(w.shape) * w).sum(1)
+
+        batches = []
+        for d, c in zip(datas, cids):
+            gen = rng.torch_generator(self.cfg.seed, purpose, round_, c)
+            batches.append(training.Batches(d.train_y, lambda epoch, g, d=d: d.train_features(round_, epoch, g),
+                                            t.batch_size, gen))
+        losses = training.train_block([Group([ctx], self.recipe()), *others], loss, batches,
+                                      epochs or t.local_epochs,
+                                      penalty=None if penalty is None else (lambda: penalty(ctx)),
+                                      after_backward=self.after_backward_block,
+                                      where=[f"round {round_ + 1}, client {c}" for c in cids])
+        for b, s in enumerate(states):
+            s.ctx = ctx[b].detach().clone()
+        return losses
 
     @torch.no_grad()
     def score(self, data: ClientData, logits_fn, weights_sum: bool = False) -> EvalResult:

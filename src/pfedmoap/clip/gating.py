@@ -72,3 +72,34 @@ def moe_logits(gating: GatingNetwork, image_feats: torch.Tensor, text_feats: tor
     t_moe, weights = gating(image_feats, text_feats)
     moe = logit_scale * torch.einsum("bd,bcd->bc", gating.pool(image_feats), t_moe)
     return lam * local + moe, weights
+
+
+def moe_logits_block(params: dict[str, torch.Tensor], gate: GatingNetwork, image_feats: torch.Tensor,
+                     text_feats: torch.Tensor, n_valid: list[int], logit_scale: float, lam: float) -> torch.Tensor:
+    """`moe_logits` for a block of B clients, each with its own attention gating network, in one
+    batched computation: params[name] (B, *shape) the clients' stacked parameters of `gate`'s
+    layout; image_feats (B, bs, D); text_feats (B, K_max, C, D), client b's first n_valid[b]
+    entries real (local first), the rest padding, masked out of the softmax. A client with one
+    entry gets its local logits, as moe_logits gives. Returns logits (B, bs, C)."""
+    B, bs, _ = image_feats.shape
+    K, C = text_feats.shape[1:3]
+    h, d = gate.heads, gate.dim
+    local = logit_scale * torch.bmm(image_feats, text_feats[:, 0].transpose(1, 2))
+
+    def linear(name: str, z: torch.Tensor) -> torch.Tensor:
+        flat = z.reshape(B, -1, d)
+        return torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), flat,
+                             params[f"{name}.weight"].transpose(1, 2)).view(z.shape)
+
+    px, pt = gate.pool(image_feats), gate.pool(text_feats)
+    q = linear("w_q", px).view(B, bs, h, d // h)
+    k = linear("w_k", pt).view(B, K, C, h, d // h)
+    v = linear("w_v", pt).view(B, K, C, h, d // h)
+    scores = torch.einsum("nbhe,nkche->nbchk", q, k) * gate.scaling
+    valid = torch.arange(K, device=scores.device)[None, :] < torch.tensor(n_valid, device=scores.device)[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
+    weights = scores.softmax(dim=-1)
+    mixed = torch.einsum("nbchk,nkche->nbche", weights, v).reshape(B, bs, C, d)
+    moe = logit_scale * torch.einsum("nbd,nbcd->nbc", px, linear("w_o", mixed))
+    has = torch.tensor([n > 1 for n in n_valid], device=local.device)[:, None, None]
+    return torch.where(has, lam * local + moe, local)

@@ -10,11 +10,15 @@ features, exactly as `encode_text` would, with two exact shortcuts:
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PFedMoAPError
+
+log = logging.getLogger(__name__)
 
 
 def _text_tower(model: nn.Module) -> nn.Module:
@@ -49,7 +53,7 @@ class PromptEncoder:
     """Text features of CoOp prompts for one list of class names (frozen tower, no parameters)."""
 
     def __init__(self, backbone, classnames: list[str], n_ctx: int,
-                 truncate: bool = True, shared_prefix: bool = True):
+                 truncate: bool = True, shared_prefix: bool = True, cuda_graph: bool = False):
         self.backbone = backbone
         self.tower = _text_tower(backbone.model)
         self.n_ctx = n_ctx
@@ -71,6 +75,13 @@ class PromptEncoder:
         from open_clip.transformer import ResidualAttentionBlock
         self.shared_prefix = shared_prefix and all(type(b) is ResidualAttentionBlock for b in blocks)
         self.cast = self.tower.transformer.get_cast_dtype()
+        # run.cuda_graph: the differentiable text pass of each block shape captured once in a CUDA
+        # graph (forward and backward replayed with one launch each); a GPU step is bound by kernel
+        # launches. Off on the CPU; any capture failure falls back to the eager pass, logged once.
+        self.cuda_graph = cuda_graph and dev.type == "cuda"
+        self._graphs: dict[tuple, object] = {}
+        if cuda_graph and dev.type != "cuda":
+            log.warning("run.cuda_graph = true: the model is on %s, not CUDA; the text step runs eagerly", dev)
 
     @property
     def n_classes(self) -> int:
@@ -82,6 +93,8 @@ class PromptEncoder:
         `hook(i, block, x_in, x_out)`, when given, is called after every residual block i and returns
         the next block's input (per-token adapters, clip/adapters.py); both fast paths stay exact
         for a hook that acts on each token alone."""
+        if hook is None and self._graph_for(ctx):
+            return self._graphed(ctx.unsqueeze(0))[0]
         ctx = ctx.to(self.sos.device, self.cast)
         with self.backbone.autocast():
             x = self._encode_shared(ctx, hook) if self.shared_prefix else self._encode_full(ctx, hook)
@@ -129,6 +142,68 @@ class PromptEncoder:
             if hook is not None:
                 prefix, suffix = hook(i, block, prefix_in, prefix), hook(i, block, suffix_in, suffix)
         return self._project(suffix[torch.arange(C), self.eos - p])
+
+    def encode_block(self, ctxs: torch.Tensor) -> torch.Tensor:
+        """A block of B clients' contexts (B, n_ctx, W) -> their text features (B, C, D) in one pass over
+        B*C sequences; differentiable w.r.t. ctxs. Client b's features are `self(ctxs[b])`'s math (the
+        same ops on its rows), equal to them up to float rounding of the larger matrix products."""
+        if self._graph_for(ctxs):
+            return self._graphed(ctxs)
+        return self._encode_block(ctxs)
+
+    def _graph_for(self, ctx: torch.Tensor) -> bool:
+        return self.cuda_graph and torch.is_grad_enabled() and ctx.requires_grad
+
+    def _graphed(self, ctxs: torch.Tensor) -> torch.Tensor:
+        """encode_block through the CUDA graph of its shape (captured on first use)."""
+        ctxs = ctxs.to(self.sos.device)
+        fn = self._graphs.get(tuple(ctxs.shape))
+        if fn is None:
+            try:
+                sample = ctxs.detach().clone().requires_grad_(True)
+                fn = torch.cuda.make_graphed_callables(self._encode_block, (sample,))
+            except Exception as e:      # unsupported here (driver, autocast, an op): run eagerly
+                log.warning("run.cuda_graph: capturing the text step failed (%s: %s); it runs eagerly",
+                            type(e).__name__, (str(e).splitlines() or [""])[0])
+                self.cuda_graph = False
+                return self._encode_block(ctxs)
+            self._graphs[tuple(ctxs.shape)] = fn
+        return fn(ctxs)
+
+    def _encode_block(self, ctxs: torch.Tensor) -> torch.Tensor:
+        B, C = ctxs.shape[0], self.n_classes
+        ctxs = ctxs.to(self.sos.device, self.cast)
+        with self.backbone.autocast():
+            x = self._encode_shared_block(ctxs) if self.shared_prefix else self._encode_full_block(ctxs)
+        return F.normalize(x.float(), dim=-1).reshape(B, C, -1)
+
+    def _encode_full_block(self, ctxs: torch.Tensor) -> torch.Tensor:
+        (B, n, W), C = ctxs.shape, self.n_classes
+        x = torch.cat([self.sos.expand(B * C, -1, -1),
+                       ctxs.unsqueeze(1).expand(B, C, n, W).reshape(B * C, n, W),
+                       self.suffix.repeat(B, 1, 1)], dim=1)
+        x = x + self.tower.positional_embedding[:self.length].to(x.dtype)
+        x = self.tower.transformer(x, attn_mask=self._mask())
+        return self._project(x[torch.arange(B * C), self.eos.repeat(B)])
+
+    def _encode_shared_block(self, ctxs: torch.Tensor) -> torch.Tensor:
+        (B, n, W), C, p = ctxs.shape, self.n_classes, 1 + self.n_ctx
+        pos = self.tower.positional_embedding[:self.length].to(ctxs.dtype)
+        prefix = torch.cat([self.sos.expand(B, -1, -1), ctxs], dim=1) + pos[:p]      # (B, p, W)
+        suffix = (self.suffix + pos[p:]).repeat(B, 1, 1)                              # (B*C, s, W)
+        mask = self._mask()
+        for block in self.tower.transformer.resblocks:
+            h_pre = block.ln_1(prefix)
+            h_suf = block.ln_1(suffix)
+            prefix = prefix + block.ls_1(block.attn(h_pre, h_pre, h_pre, need_weights=False,
+                                                    attn_mask=mask[:p, :p].to(h_pre.dtype))[0])
+            prefix = prefix + block.ls_2(block.mlp(block.ln_2(prefix)))
+            # each class sequence of client b attends to client b's prefix
+            kv = torch.cat([h_pre.unsqueeze(1).expand(B, C, p, W).reshape(B * C, p, W), h_suf], dim=1)
+            suffix = suffix + block.ls_1(block.attn(h_suf, kv, kv, need_weights=False,
+                                                    attn_mask=mask[p:, :].to(h_suf.dtype))[0])
+            suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
+        return self._project(suffix[torch.arange(B * C), (self.eos - p).repeat(B)])
 
     @torch.no_grad()
     def encode_frozen(self, ctxs: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,14 @@ from ...exchange import Array, Broadcast
 from ..base import Arrays, ClientPart, Method, ServerPart, fedavg, sample_count_array, sample_counts
 
 
+class LocalClient(ClientPart):
+    """CoOp's client; a block of clients trains and is evaluated batched (ClientPart's defaults)."""
+    block_training = True
+
+
 class Local(Method):
     """CoOp on each client alone: nothing is sent, the prompt never leaves (CoOp, Zhou et al. 2022)."""
+    Client = LocalClient
 
 
 class PromptFLServer(ServerPart):
@@ -54,7 +60,27 @@ class PromptFLClient(ClientPart):
         self.train_prompt(state, data, round_, cid, penalty=self.penalty(down))
         return {"prompt": self.upload_prompt(state.ctx, round_, cid), **self.upload_count(data)}
 
+    block_training = True
+
+    def fit_block(self, states, datas, round_, cids, downs):
+        if len(cids) == 1:
+            return super().fit_block(states, datas, round_, cids, downs)
+        for s, dn in zip(states, downs):
+            if "global_prompt" in dn:
+                s.ctx = self.prompt(dn["global_prompt"])
+        self.train_prompt_block(states, datas, round_, cids, penalty=self.penalty_block(downs))
+        return [{"prompt": self.upload_prompt(s.ctx, round_, c), **self.upload_count(d)}
+                for s, d, c in zip(states, datas, cids)]
+
+    def evaluate_block(self, states, datas, round_, cids, downs):
+        # the global prompt's text is encoded once per rank and round already
+        return [self.evaluate(s, d, round_, c, dn) for s, d, c, dn in zip(states, datas, cids, downs)]
+
     def penalty(self, down):
+        return None
+
+    def penalty_block(self, downs):
+        """`penalty` for a block: ctx (B, n_ctx, W) -> (B,), or None."""
         return None
 
     def evaluate(self, state, data, round_, cid, down):
@@ -101,6 +127,16 @@ class FedProxClient(PromptFLClient):
             return None
         anchor, mu = self.prompt(down["global_prompt"]), self.options.mu
         return lambda ctx: 0.5 * mu * (ctx - anchor).pow(2).sum()
+
+
+    def penalty_block(self, downs):
+        has = [("global_prompt" in d) for d in downs]
+        if not any(has):
+            return None
+        anchor = torch.stack([self.prompt(d["global_prompt"]) if h else torch.zeros(self.ctx_shape)
+                              for d, h in zip(downs, has)])
+        on, mu = torch.tensor(has, dtype=anchor.dtype), self.options.mu
+        return lambda ctx: on * (0.5 * mu * (ctx - anchor.to(ctx.device)).pow(2).sum((1, 2)))
 
 
 class FedProx(PromptFL):

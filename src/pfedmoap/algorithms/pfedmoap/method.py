@@ -27,7 +27,7 @@ import torch
 
 from ... import rng, router
 from ...errors import PFedMoAPError
-from ...clip.gating import GatingNetwork, LinearGate, moe_logits
+from ...clip.gating import GatingNetwork, LinearGate, moe_logits, moe_logits_block
 from ...exchange import Array, Broadcast, PerClient
 from ..base import Arrays, ClientPart, Log, Method, PromptState, ServerPart, fedavg, sample_count_array, sample_counts
 from ..training import Group, Recipe
@@ -218,6 +218,85 @@ class Client(ClientPart):
         if self.m.aggregate_gate:
             up["gating"] = self.gating_vector(state)
         return up
+
+    # Blocks: the prompts are trained batched (one text pass over the block's B*C sequences); each
+    # client's gating network runs per client on its slice (its own module, its own persistent
+    # optimiser, stepped only while the client trains).
+    block_training = True
+
+    def fit_block(self, states, datas, round_, cids, downs):
+        if len(cids) == 1:
+            return super().fit_block(states, datas, round_, cids, downs)
+        for s, dn in zip(states, downs):
+            if "global_prompt" in dn:
+                s.ctx = self.prompt(dn["global_prompt"])
+            if "global_gating" in dn:
+                self.load_gating(s, dn["global_gating"])
+        lam = self.m.lam
+        if isinstance(states[0].gating, GatingNetwork):
+            self._fit_block_stacked_gates(states, datas, round_, cids)
+        else:       # the linear gate: each client's gate on its slice, its own optimiser
+            gates = tuple(Group(list(s.gating.parameters()), self.gating_recipe(), s.gating_opt, client=b)
+                          for b, s in enumerate(states))
+
+            def logits(text, x):
+                return torch.stack([moe_logits(s.gating, x[b], self._mixture(text[b], c), self.logit_scale, lam)[0]
+                                    for b, (s, c) in enumerate(zip(states, cids))])
+
+            self.train_prompt_block(states, datas, round_, cids, others=gates, logits=logits)
+        ups = []
+        for s, d, c in zip(states, datas, cids):
+            up = {"prompt": self.upload_prompt(s.ctx, round_, c), **self.upload_count(d)}
+            if self.m.aggregate_gate:
+                up["gating"] = self.gating_vector(s)
+            ups.append(up)
+        return ups
+
+    def _fit_block_stacked_gates(self, states, datas, round_, cids):
+        """The block's attention gates stacked too: their parameters and persistent momentum
+        buffers (B, ...) trained by one StackedSGD of the gating recipe (moe_logits_block), then
+        written back to each client's module and optimiser. A client without experts does not use
+        its gate (as alone, where its gate gets no gradient): its gate and momentum stay as they are."""
+        names = [n for n, _ in states[0].gating.named_parameters()]
+        mods = [dict(s.gating.named_parameters()) for s in states]
+        params = [torch.stack([m[n].detach() for m in mods]).requires_grad_(True) for n in names]
+        momentum = [torch.stack([s.gating_opt.state[m[n]]["momentum_buffer"] for s, m in zip(states, mods)])
+                    for n in names]
+        experts = [self._experts.get(c) for c in cids]
+        n_valid = [1 + (0 if e is None else len(e)) for e in experts]
+        K = max(n_valid)
+        if K == 1:          # nobody has experts (e.g. first-time participants): CLIP's logits, gates untouched
+            self.train_prompt_block(states, datas, round_, cids)
+            return
+        gate = Group(params, self.gating_recipe(), momentum=momentum, trains=[n > 1 for n in n_valid])
+        named = dict(zip(names, params))
+
+        # the experts' features, padded to K - 1 per client, once per block (they are frozen)
+        C, D = self.encoder.n_classes, self.backbone.embed_dim
+        dev = next(states[0].gating.parameters()).device
+        pad = torch.zeros(len(cids), K - 1, C, D, device=dev)
+        for b, e in enumerate(experts):
+            if e is not None and len(e):
+                pad[b, :len(e)] = e.to(dev)
+
+        def logits(text, x):                  # text (B, C, D): the local prompts' features
+            full = torch.cat([text.unsqueeze(1), pad.to(text.dtype)], dim=1)
+            return moe_logits_block(named, states[0].gating, x, full, n_valid, self.logit_scale, self.m.lam)
+
+        self.train_prompt_block(states, datas, round_, cids, others=(gate,), logits=logits)
+        with torch.no_grad():
+            for b, (s, m) in enumerate(zip(states, mods)):
+                for i, n in enumerate(names):
+                    m[n].copy_(params[i][b])
+                    if gate.momentum is not None and self.gating_recipe().momentum:
+                        s.gating_opt.state[m[n]]["momentum_buffer"].copy_(gate.momentum[i][b])
+
+    def evaluate_block(self, states, datas, round_, cids, downs):
+        if len(cids) == 1:
+            return super().evaluate_block(states, datas, round_, cids, downs)
+        trained = [b for b, dn in enumerate(downs) if "eval_prompt" not in dn]
+        self.own_texts([states[b] for b in trained], [cids[b] for b in trained])   # one batched pass
+        return [self.evaluate(s, d, round_, c, dn) for s, d, c, dn in zip(states, datas, cids, downs)]
 
     def evaluate(self, state: State, data, round_, cid, down):
         if "global_gating" in down:

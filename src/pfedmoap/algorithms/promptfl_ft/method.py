@@ -28,6 +28,7 @@ from ..coop.method import PromptFL, PromptFLClient
 
 class Client(PromptFLClient):
     """PromptFL's client; evaluated with a locally fine-tuned copy of the global prompt."""
+    block_training = True         # the fine-tuning of a block is batched (evaluate_block)
 
     def epochs(self) -> int:
         return self.options.epochs or self.cfg.train.local_epochs
@@ -50,6 +51,18 @@ class Client(PromptFLClient):
         with torch.no_grad():
             text = self.encoder(ctx)
         return self.score(data, lambda x: (self.logit_scale * x @ text.t(), None))
+
+
+    def evaluate_block(self, states, datas, round_, cids, downs):
+        """The block's fine-tuning batched (train_prompt_block, purpose "finetune"), then each
+        client scored with its fine-tuned copy."""
+        if len(cids) == 1:
+            return super().evaluate_block(states, datas, round_, cids, downs)
+        copies = [PromptState(ctx=self.prompt(dn["global_prompt"])) for dn in downs]
+        self.train_prompt_block(copies, datas, round_, cids, purpose="finetune", epochs=self.epochs())
+        with torch.no_grad():
+            texts = self.encoder.encode_block(torch.stack([c.ctx for c in copies]))
+        return [self.score(d, lambda x, t=t: (self.logit_scale * x @ t.t(), None)) for d, t in zip(datas, texts)]
 
 
 class PromptFLFT(PromptFL):
