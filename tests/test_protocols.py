@@ -120,7 +120,21 @@ def b2n(tmp_path_factory):
         calls.append((list(self.train_encoder.classnames), list(self.encoder.classnames),
                       sorted(set(data.train_y.tolist())), kw.get("purpose", "batches")))
         return orig(self, groups, loss, data, round_, cid, **kw)
+    encoded = []            # the class names of every text encoding that builds a graph (training)
+    from pfedmoap.clip.prompt import PromptEncoder
+    call, block = PromptEncoder.__call__, PromptEncoder.encode_block
+
+    def spy_call(self, *a, **kw):
+        if torch.is_grad_enabled():
+            encoded.append(list(self.classnames))
+        return call(self, *a, **kw)
+
+    def spy_block(self, *a, **kw):
+        if torch.is_grad_enabled():
+            encoded.append(list(self.classnames))
+        return block(self, *a, **kw)
     method_base.ClientPart.local_train = spy
+    PromptEncoder.__call__, PromptEncoder.encode_block = spy_call, spy_block
     try:
         out = tmp_path_factory.mktemp("b2n")
         cfg = _cfg(*DIGITS, "algorithm=promptfl_ft", "data.n_clients=3", "eval.protocol=base2novel")
@@ -128,12 +142,18 @@ def b2n(tmp_path_factory):
         fed.run(out, "overwrite")
     finally:
         method_base.ClientPart.local_train = orig
+        PromptEncoder.__call__, PromptEncoder.encode_block = call, block
+    calls.append(encoded)
     return fed, out, calls
 
 
 def test_base2novel_no_novel_class_reaches_training(b2n):
     fed, out, calls = b2n
+    *calls, encoded = calls
     base, novel = digits.CLASSNAMES[:5], digits.CLASSNAMES[5:]
+    # every text encoding under autograd (training, the fine-tuning of the novel part included)
+    # read the base class names only
+    assert encoded and all(names == base for names in encoded)
     b = fed.build
     assert b.dataset.classnames == base and b.encoder.classnames == base
     assert fed.client.encoder.classnames == base

@@ -418,7 +418,7 @@ class ClientPart:
         logits = logits or (lambda text, x: self.logit_scale * x @ text.t())
         ctx = state.ctx.clone().requires_grad_(True)
         loss = self.local_train([Group([ctx], self.recipe()), *others],
-                                lambda x, y: F.cross_entropy(logits(self.encoder(ctx), x), y),
+                                lambda x, y: F.cross_entropy(logits(self.train_encoder(ctx), x), y),
                                 data, round_, cid, purpose=purpose, epochs=epochs,
                                 penalty=None if penalty is None else (lambda: penalty(ctx)))
         state.ctx = ctx.detach()
@@ -443,7 +443,7 @@ class ClientPart:
         ctx = torch.stack([s.ctx for s in states]).requires_grad_(True)
 
         def loss(x, y, w):
-            out = logits(self.encoder.encode_block(ctx), x)
+            out = logits(self.train_encoder.encode_block(ctx), x)
             ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
             return (ce.view(w.shape) * w).sum(1)
 
