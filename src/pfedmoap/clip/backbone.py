@@ -405,10 +405,10 @@ class Backbone:
             return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         return f"tag:{pretrained}"
 
-    def autocast(self):
+    def autocast(self, cache: bool = True):
         if self.device.type == "cuda" and self.precision != "fp32":
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
+            return torch.autocast("cuda", dtype=dtype, cache_enabled=cache)
         return contextlib.nullcontext()
 
     @torch.no_grad()

@@ -173,7 +173,8 @@ class PromptEncoder:
     def _encode_block(self, ctxs: torch.Tensor) -> torch.Tensor:
         B, C = ctxs.shape[0], self.n_classes
         ctxs = ctxs.to(self.sos.device, self.cast)
-        with self.backbone.autocast():
+        # a CUDA graph's capture needs autocast without its cast cache (torch.cuda.make_graphed_callables)
+        with self.backbone.autocast(cache=not self.cuda_graph):
             x = self._encode_shared_block(ctxs) if self.shared_prefix else self._encode_full_block(ctxs)
         return F.normalize(x.float(), dim=-1).reshape(B, C, -1)
 
@@ -184,7 +185,7 @@ class PromptEncoder:
                        self.suffix.repeat(B, 1, 1)], dim=1)
         x = x + self.tower.positional_embedding[:self.length].to(x.dtype)
         x = self.tower.transformer(x, attn_mask=self._mask())
-        return self._project(x[torch.arange(B * C), self.eos.repeat(B)])
+        return self._project(x[torch.arange(B * C, device=x.device), self.eos.repeat(B)])
 
     def _encode_shared_block(self, ctxs: torch.Tensor) -> torch.Tensor:
         (B, n, W), C, p = ctxs.shape, self.n_classes, 1 + self.n_ctx
@@ -203,7 +204,7 @@ class PromptEncoder:
             suffix = suffix + block.ls_1(block.attn(h_suf, kv, kv, need_weights=False,
                                                     attn_mask=mask[p:, :].to(h_suf.dtype))[0])
             suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
-        return self._project(suffix[torch.arange(B * C), (self.eos - p).repeat(B)])
+        return self._project(suffix[torch.arange(B * C, device=suffix.device), (self.eos - p).repeat(B)])
 
     @torch.no_grad()
     def encode_frozen(self, ctxs: torch.Tensor) -> torch.Tensor:
