@@ -207,7 +207,11 @@ def test_packaged_base_to_novel_table_is_pfedmma_s_setting():
     assert t.layout == "base2novel"
     # pFedMMA's README names SUN397, Caltech101, OxfordPets, Flowers102, Food101, DTD, UCF101; these load here
     assert [c.name for c in t.columns] == ["Caltech101", "OxfordPets", "Flowers102", "Food101", "DTD"]
-    assert [r.name for r in t.rows] == [r.name for r in tables.get("fewshot").rows]
+    paper = [r.name for r in tables.get("fewshot").rows]
+    assert [r.name for r in t.rows if r.name in paper] == paper       # the paper's rows, in its order
+    # and every method of the package: the field's later ones beside the paper's
+    from pfedmoap import algorithms
+    assert {spec.config("OUT").algorithm for spec in t.runs()} == set(algorithms.names())
     for spec in t.runs():
         cfg = spec.config("OUT")
         assert cfg.eval.protocol == "base2novel" and cfg.model.name == "ViT-B-16-quickgelu"
